@@ -1,0 +1,415 @@
+/* The only file that talks to Python: argument conversion (NumPy C API, C-contiguous float32),
+ * GIL release around compute, C status codes -> Python exceptions. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <numpy/arrayobject.h>
+#include <pythread.h>
+
+#include <math.h>
+
+#include "encode.h"
+#include "errors.h"
+#include "vit.h"
+
+/* ================================================================== helpers */
+
+static PyObject *raise_status(int rc) {
+    PyErr_SetString(rc == VAD_ERR_MEMORY ? PyExc_MemoryError : PyExc_ValueError, vad_last_error());
+    return NULL;
+}
+
+/* Borrow a C-contiguous float32 array with the given rank (-1 = any) from obj. New reference. */
+static PyArrayObject *as_float_array(PyObject *obj, const char *what, int ndim) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy array, got %s", what, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != NPY_FLOAT32) {
+        PyErr_Format(PyExc_TypeError, "%s must be float32, got %s", what, PyArray_DESCR(a)->typeobj->tp_name);
+        return NULL;
+    }
+    if (ndim >= 0 && PyArray_NDIM(a) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d", what, ndim, PyArray_NDIM(a));
+        return NULL;
+    }
+    return (PyArrayObject *)PyArray_FROM_OTF(obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+}
+
+static int all_finite(const float *x, size_t n) {
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) ok &= isfinite(x[i]) ? 1 : 0;
+    return ok;
+}
+
+static PyObject *new_float_array(int nd, npy_intp *dims) {
+    return PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+}
+
+/* Reads a sequence of ints (layers). Returns count or -1 with an exception set. */
+static int read_int_list(PyObject *seq, int *out, int max, const char *what) {
+    PyObject *fast = PySequence_Fast(seq, "layers must be a sequence of ints");
+    if (!fast) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > max) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "at most %d %s are supported", max, what);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        out[i] = (int)v;
+    }
+    Py_DECREF(fast);
+    return (int)n;
+}
+
+/* ================================================================== backbone config */
+
+static int dict_int(PyObject *d, const char *key, int *out, int required) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) {
+        if (required) {
+            PyErr_Format(PyExc_KeyError, "backbone config is missing '%s'", key);
+            return -1;
+        }
+        return 0;
+    }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    *out = (int)x;
+    return 0;
+}
+
+static int parse_vit_config(PyObject *d, vad_vit_config *c) {
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "backbone config must be a dict");
+        return -1;
+    }
+    memset(c, 0, sizeof *c);
+    c->ln_eps = 1e-5f;
+    if (dict_int(d, "width", &c->width, 1) || dict_int(d, "depth", &c->depth, 1) ||
+        dict_int(d, "heads", &c->heads, 1) || dict_int(d, "patch", &c->patch, 1) ||
+        dict_int(d, "grid", &c->grid0, 1) || dict_int(d, "mlp_hidden", &c->mlp_hidden, 1) ||
+        dict_int(d, "registers", &c->n_registers, 0) || dict_int(d, "patch_bias", &c->patch_bias, 0) ||
+        dict_int(d, "ln_pre", &c->ln_pre, 0) || dict_int(d, "layerscale", &c->layerscale, 0) ||
+        dict_int(d, "activation", &c->activation, 0) || dict_int(d, "pos_resize", &c->pos_resize, 0))
+        return -1;
+    PyObject *eps = PyDict_GetItemString(d, "ln_eps");
+    if (eps) {
+        double e = PyFloat_AsDouble(eps);
+        if (e == -1.0 && PyErr_Occurred()) return -1;
+        c->ln_eps = (float)e;
+    }
+    if (vad_vit_config_check(c) != VAD_OK) {
+        raise_status(VAD_ERR_VALUE);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_vit_layout(PyObject *self, PyObject *arg) {
+    (void)self;
+    vad_vit_config cfg;
+    if (parse_vit_config(arg, &cfg)) return NULL;
+    size_t total = 0;
+    int n = vad_vit_layout(&cfg, NULL, 0, &total);
+    vad_tensor_entry *entries = (vad_tensor_entry *)PyMem_Calloc((size_t)n, sizeof(vad_tensor_entry));
+    if (!entries) return PyErr_NoMemory();
+    vad_vit_layout(&cfg, entries, n, &total);
+    PyObject *list = PyList_New(n);
+    for (int i = 0; list && i < n; i++) {
+        PyObject *shape = PyTuple_New(entries[i].ndim);
+        for (int k = 0; shape && k < entries[i].ndim; k++)
+            PyTuple_SET_ITEM(shape, k, PyLong_FromLong(entries[i].shape[k]));
+        PyObject *item = shape ? Py_BuildValue("(sNn)", entries[i].name, shape, (Py_ssize_t)entries[i].offset) : NULL;
+        if (!item) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    PyMem_Free(entries);
+    if (!list) return NULL;
+    return Py_BuildValue("(Nn)", list, (Py_ssize_t)total);
+}
+
+/* ================================================================== Backbone type */
+
+typedef struct {
+    PyObject_HEAD
+    vad_vit *vit;
+    vad_encoder *encoder;
+    PyArrayObject *params; /* keeps the weight buffer alive */
+    PyThread_type_lock lock;
+} BackboneObject;
+
+static void Backbone_dealloc(BackboneObject *self) {
+    vad_encoder_free(self->encoder);
+    vad_vit_free(self->vit);
+    Py_XDECREF(self->params);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "params", "num_threads", NULL};
+    PyObject *config, *params;
+    int nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|i", kwlist, &config, &params, &nthreads)) return -1;
+    if (self->vit) {
+        PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
+        return -1;
+    }
+    vad_vit_config cfg;
+    if (parse_vit_config(config, &cfg)) return -1;
+    PyArrayObject *p = as_float_array(params, "params", 1);
+    if (!p) return -1;
+    size_t total = 0;
+    vad_vit_layout(&cfg, NULL, 0, &total);
+    if ((size_t)PyArray_SIZE(p) != total) {
+        PyErr_Format(PyExc_ValueError, "params has %zd floats, the configuration needs %zu",
+                     (Py_ssize_t)PyArray_SIZE(p), total);
+        Py_DECREF(p);
+        return -1;
+    }
+    if (nthreads < 1) nthreads = 1;
+    self->vit = vad_vit_create(&cfg, (const float *)PyArray_DATA(p), nthreads);
+    if (!self->vit) {
+        Py_DECREF(p);
+        raise_status(VAD_ERR_MEMORY);
+        return -1;
+    }
+    self->encoder = vad_encoder_create(self->vit);
+    self->lock = PyThread_allocate_lock();
+    if (!self->encoder || !self->lock) {
+        Py_DECREF(p);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->params = p;
+    return 0;
+}
+
+static int check_ready(BackboneObject *self) {
+    if (!self->vit) {
+        PyErr_SetString(PyExc_RuntimeError, "Backbone is not initialised");
+        return -1;
+    }
+    return 0;
+}
+
+/* images: float32 [B, 3, S, S], finite. New reference or NULL. */
+static PyArrayObject *check_images(PyObject *obj, int *B, int *S) {
+    PyArrayObject *a = as_float_array(obj, "images", 4);
+    if (!a) return NULL;
+    npy_intp *d = PyArray_DIMS(a);
+    if (d[1] != 3 || d[2] != d[3] || d[0] < 1 || d[2] < 1 || d[0] > 1 << 20 || d[2] > 1 << 14) {
+        PyErr_Format(PyExc_ValueError, "images must have shape (B, 3, S, S), got (%zd, %zd, %zd, %zd)",
+                     (Py_ssize_t)d[0], (Py_ssize_t)d[1], (Py_ssize_t)d[2], (Py_ssize_t)d[3]);
+        Py_DECREF(a);
+        return NULL;
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = all_finite((const float *)PyArray_DATA(a), (size_t)PyArray_SIZE(a));
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "images contain NaN or Inf values");
+        Py_DECREF(a);
+        return NULL;
+    }
+    *B = (int)d[0];
+    *S = (int)d[2];
+    return a;
+}
+
+#define MAX_LAYERS 64
+
+static PyObject *Backbone_forward(BackboneObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"images", "layers", "inserted", NULL};
+    PyObject *images_obj, *layers_obj, *ins_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O", kwlist, &images_obj, &layers_obj, &ins_obj)) return NULL;
+    if (check_ready(self)) return NULL;
+    const vad_vit_config *cfg = vad_vit_get_config(self->vit);
+    int layers[MAX_LAYERS];
+    int n_layers = read_int_list(layers_obj, layers, MAX_LAYERS, "layers");
+    if (n_layers < 0) return NULL;
+    int B, S;
+    PyArrayObject *images = check_images(images_obj, &B, &S);
+    if (!images) return NULL;
+    PyArrayObject *ins = NULL;
+    int n_ins = 0;
+    if (ins_obj != Py_None) {
+        ins = as_float_array(ins_obj, "inserted", 2);
+        if (!ins) goto fail;
+        if (PyArray_DIM(ins, 1) != cfg->width || PyArray_DIM(ins, 0) > 16) {
+            PyErr_Format(PyExc_ValueError, "inserted must have shape (k<=16, %d)", cfg->width);
+            goto fail;
+        }
+        n_ins = (int)PyArray_DIM(ins, 0);
+    }
+    if (S % cfg->patch) {
+        PyErr_Format(PyExc_ValueError, "image side %d is not divisible by the patch size %d", S, cfg->patch);
+        goto fail;
+    }
+    int T = vad_vit_seq_len(self->vit, S, n_ins);
+    npy_intp dims[3] = {B, T, cfg->width};
+    PyObject *outs = PyList_New(n_layers);
+    if (!outs) goto fail;
+    float *ptrs[MAX_LAYERS];
+    for (int i = 0; i < n_layers; i++) {
+        PyObject *a = new_float_array(3, dims);
+        if (!a) {
+            Py_DECREF(outs);
+            goto fail;
+        }
+        PyList_SET_ITEM(outs, i, a);
+        ptrs[i] = (float *)PyArray_DATA((PyArrayObject *)a);
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    rc = vad_vit_forward(self->vit, (const float *)PyArray_DATA(images), B, S,
+                         ins ? (const float *)PyArray_DATA(ins) : NULL, n_ins, layers, n_layers, ptrs, NULL);
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(images);
+    Py_XDECREF(ins);
+    if (rc) {
+        Py_DECREF(outs);
+        return raise_status(rc);
+    }
+    return outs;
+fail:
+    Py_DECREF(images);
+    Py_XDECREF(ins);
+    return NULL;
+}
+
+static PyArrayObject *check_vector(PyObject *obj, const char *what, int D) {
+    PyArrayObject *a = as_float_array(obj, what, 1);
+    if (a && PyArray_DIM(a, 0) != D) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%d,)", what, D);
+        Py_CLEAR(a);
+    }
+    return a;
+}
+
+static PyObject *Backbone_encode(BackboneObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"images", "layers", "tokens", "ln_weight", "ln_bias", NULL};
+    PyObject *images_obj, *layers_obj, *tok_obj, *lnw_obj, *lnb_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO", kwlist, &images_obj, &layers_obj, &tok_obj,
+                                     &lnw_obj, &lnb_obj))
+        return NULL;
+    if (check_ready(self)) return NULL;
+    const vad_vit_config *cfg = vad_vit_get_config(self->vit);
+    int D = cfg->width;
+    int layers[MAX_LAYERS];
+    int n_layers = read_int_list(layers_obj, layers, MAX_LAYERS, "layers");
+    if (n_layers < 0) return NULL;
+    PyArrayObject *images = NULL, *tok = NULL, *lnw = NULL, *lnb = NULL;
+    PyObject *feats = NULL, *ta = NULL, *tn = NULL, *result = NULL;
+    int B, S;
+    images = check_images(images_obj, &B, &S);
+    if (!images) goto done;
+    tok = as_float_array(tok_obj, "tokens", 2);
+    if (!tok) goto done;
+    if (PyArray_DIM(tok, 0) != 2 || PyArray_DIM(tok, 1) != D) {
+        PyErr_Format(PyExc_ValueError, "tokens must have shape (2, %d)", D);
+        goto done;
+    }
+    if (!(lnw = check_vector(lnw_obj, "ln_weight", D)) || !(lnb = check_vector(lnb_obj, "ln_bias", D))) goto done;
+    if (S % cfg->patch) {
+        PyErr_Format(PyExc_ValueError, "image side %d is not divisible by the patch size %d", S, cfg->patch);
+        goto done;
+    }
+    int g = S / cfg->patch;
+    npy_intp fdims[3] = {B, (npy_intp)g * g, D}, tdims[2] = {B, D};
+    feats = PyList_New(n_layers);
+    if (!feats) goto done;
+    float *ptrs[MAX_LAYERS];
+    for (int i = 0; i < n_layers; i++) {
+        PyObject *a = new_float_array(3, fdims);
+        if (!a) goto done;
+        PyList_SET_ITEM(feats, i, a);
+        ptrs[i] = (float *)PyArray_DATA((PyArrayObject *)a);
+    }
+    ta = new_float_array(2, tdims);
+    tn = new_float_array(2, tdims);
+    if (!ta || !tn) goto done;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    rc = vad_encode(self->encoder, (const float *)PyArray_DATA(images), B, S, (const float *)PyArray_DATA(tok),
+                    (const float *)PyArray_DATA(lnw), (const float *)PyArray_DATA(lnb), layers, n_layers, ptrs,
+                    (float *)PyArray_DATA((PyArrayObject *)ta), (float *)PyArray_DATA((PyArrayObject *)tn));
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        raise_status(rc);
+        goto done;
+    }
+    result = Py_BuildValue("(OOO)", feats, ta, tn);
+done:
+    Py_XDECREF(images);
+    Py_XDECREF(tok);
+    Py_XDECREF(lnw);
+    Py_XDECREF(lnb);
+    Py_XDECREF(feats);
+    Py_XDECREF(ta);
+    Py_XDECREF(tn);
+    return result;
+}
+
+static PyMethodDef Backbone_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))Backbone_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(images, layers, inserted=None) -> list of float32 (B, T, D) residual streams after the\n"
+     "given 1-based blocks (0 = input of block 1). inserted: (k, D) tokens placed before cls."},
+    {"encode", (PyCFunction)(void (*)(void))Backbone_encode, METH_VARARGS | METH_KEYWORDS,
+     "encode(images, layers, tokens, ln_weight, ln_bias) -> (list of (B, N, D), t_a (B, D), t_n (B, D))"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject BackboneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "visualad._engine.Backbone",
+    .tp_basicsize = sizeof(BackboneObject),
+    .tp_dealloc = (destructor)Backbone_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Backbone(config, params, num_threads=1): a frozen ViT tower in C over a float32 weight buffer.",
+    .tp_methods = Backbone_methods,
+    .tp_init = (initproc)Backbone_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ================================================================== module */
+
+static PyMethodDef module_methods[] = {
+    {"vit_layout", py_vit_layout, METH_O,
+     "vit_layout(config) -> ([(name, shape, offset), ...], total_floats): the weight buffer layout."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT, "visualad._engine", "VisualAD C engine.", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__engine(void) {
+    import_array();
+    if (PyType_Ready(&BackboneType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&engine_module);
+    if (!m) return NULL;
+    Py_INCREF(&BackboneType);
+    if (PyModule_AddObject(m, "Backbone", (PyObject *)&BackboneType) < 0) {
+        Py_DECREF(&BackboneType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,209 @@
+#include "ops.h"
+
+#include <math.h>
+#include <stddef.h>
+
+#include "blas.h"
+#include "mathfun.h"
+
+#define VAD_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
+
+/* ---------------------------------------------------------------- linear */
+
+typedef struct {
+    float *out;
+    const float *in, *W, *bias;
+    int ldc, lda, M, N, K;
+    float beta;
+    int split_rows;
+} linear_ctx;
+
+static void linear_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    linear_ctx *c = (linear_ctx *)vctx;
+    if (c->split_rows) {
+        int m0 = (int)begin * 16, m1 = (int)end * 16;
+        if (m1 > c->M) m1 = c->M;
+        if (m0 >= m1) return;
+        vad_sgemm(0, 1, m1 - m0, c->N, c->K, 1.0f, c->in + (size_t)m0 * c->lda, c->lda, c->W, c->K,
+                  c->beta, c->out + (size_t)m0 * c->ldc, c->ldc);
+        if (c->bias)
+            for (int m = m0; m < m1; m++) {
+                float *o = c->out + (size_t)m * c->ldc;
+                for (int n = 0; n < c->N; n++) o[n] += c->bias[n];
+            }
+    } else {
+        int n0 = (int)begin * 16, n1 = (int)end * 16;
+        if (n1 > c->N) n1 = c->N;
+        if (n0 >= n1) return;
+        vad_sgemm(0, 1, c->M, n1 - n0, c->K, 1.0f, c->in, c->lda, c->W + (size_t)n0 * c->K, c->K,
+                  c->beta, c->out + n0, c->ldc);
+        if (c->bias)
+            for (int m = 0; m < c->M; m++) {
+                float *o = c->out + (size_t)m * c->ldc;
+                for (int n = n0; n < n1; n++) o[n] += c->bias[n];
+            }
+    }
+}
+
+void vad_linear(vad_pool *pool, float *out, int ldc, const float *in, int lda, const float *W,
+                const float *bias, int M, int N, int K, float beta) {
+    linear_ctx c = {out, in, W, bias, ldc, lda, M, N, K, beta, 1};
+    int nt = vad_pool_size(pool);
+    c.split_rows = (M >= 64 * nt) || (M >= N);
+    int64_t units = c.split_rows ? (M + 15) / 16 : (N + 15) / 16;
+    vad_parallel_for(pool, units, 1, linear_task, &c);
+}
+
+/* ---------------------------------------------------------------- layernorm */
+
+typedef struct {
+    float *out;
+    const float *in, *w, *b;
+    int ld_out, ld_in, C;
+    float eps;
+} ln_ctx;
+
+VAD_HOT static void ln_row(float *o, const float *x, const float *w, const float *b, int C, float eps) {
+    float mean = 0.0f;
+    for (int i = 0; i < C; i++) mean += x[i];
+    mean /= (float)C;
+    float var = 0.0f;
+    for (int i = 0; i < C; i++) {
+        float d = x[i] - mean;
+        var += d * d;
+    }
+    var /= (float)C;
+    float rstd = 1.0f / sqrtf(var + eps);
+    for (int i = 0; i < C; i++) o[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+static void ln_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    ln_ctx *c = (ln_ctx *)vctx;
+    for (int64_t r = begin; r < end; r++)
+        ln_row(c->out + r * c->ld_out, c->in + r * c->ld_in, c->w, c->b, c->C, c->eps);
+}
+
+void vad_layernorm(vad_pool *pool, float *out, int ld_out, const float *in, int ld_in,
+                   const float *w, const float *b, int rows, int C, float eps) {
+    ln_ctx c = {out, in, w, b, ld_out, ld_in, C, eps};
+    vad_parallel_for(pool, rows, 8, ln_task, &c);
+}
+
+/* ---------------------------------------------------------------- activations */
+
+typedef struct {
+    float *x;
+    const float *in, *scale;
+    int act, C, hidden;
+} act_ctx;
+
+VAD_HOT static void quick_gelu_span(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = vad_quick_gelu(x[i]);
+}
+VAD_HOT static void gelu_span(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = vad_gelu_erf(x[i]);
+}
+
+static void act_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    act_ctx *c = (act_ctx *)vctx;
+    if (c->act == VAD_ACT_GELU)
+        gelu_span(c->x + begin, end - begin);
+    else
+        quick_gelu_span(c->x + begin, end - begin);
+}
+
+void vad_activation_inplace(vad_pool *pool, float *x, int64_t n, int act) {
+    act_ctx c = {x, NULL, NULL, act, 0, 0};
+    vad_parallel_for(pool, n, 4096, act_task, &c);
+}
+
+VAD_HOT static void swiglu_row(float *o, const float *x, int hidden) {
+    for (int j = 0; j < hidden; j++) {
+        float a = x[j];
+        o[j] = a * vad_sigmoidf(a) * x[hidden + j];
+    }
+}
+
+static void swiglu_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    act_ctx *c = (act_ctx *)vctx;
+    for (int64_t r = begin; r < end; r++)
+        swiglu_row(c->x + r * c->hidden, c->in + r * 2 * (int64_t)c->hidden, c->hidden);
+}
+
+void vad_swiglu(vad_pool *pool, float *out, const float *in, int rows, int hidden) {
+    act_ctx c = {out, in, NULL, VAD_ACT_SWIGLU, 0, hidden};
+    vad_parallel_for(pool, rows, 8, swiglu_task, &c);
+}
+
+/* ---------------------------------------------------------------- residual */
+
+VAD_HOT static void residual_row(float *x, const float *y, const float *s, int C) {
+    if (s)
+        for (int i = 0; i < C; i++) x[i] += s[i] * y[i];
+    else
+        for (int i = 0; i < C; i++) x[i] += y[i];
+}
+
+static void residual_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    act_ctx *c = (act_ctx *)vctx;
+    for (int64_t r = begin; r < end; r++) residual_row(c->x + r * c->C, c->in + r * c->C, c->scale, c->C);
+}
+
+void vad_residual_add(vad_pool *pool, float *x, const float *y, const float *scale, int rows, int C) {
+    act_ctx c = {x, y, scale, 0, C, 0};
+    vad_parallel_for(pool, rows, 16, residual_task, &c);
+}
+
+/* ---------------------------------------------------------------- softmax */
+
+VAD_HOT static void softmax_row(float *x, int n, float scale) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) mx = fmaxf(mx, x[i]);
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float e = vad_expf((x[i] - mx) * scale);
+        x[i] = e;
+        sum += e;
+    }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+void vad_softmax_rows_serial(float *x, int rows, int cols, int ld, float scale) {
+    for (int r = 0; r < rows; r++) softmax_row(x + (size_t)r * ld, cols, scale);
+}
+
+/* ---------------------------------------------------------------- attention */
+
+typedef struct {
+    float *out;
+    const float *qkv;
+    float *scratch;
+    int T, D, heads;
+} attn_ctx;
+
+static void attention_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    attn_ctx *c = (attn_ctx *)vctx;
+    int T = c->T, D = c->D, dh = D / c->heads;
+    float *S = c->scratch + (size_t)tid * T * T;
+    for (int64_t job = begin; job < end; job++) {
+        int b = (int)(job / c->heads), h = (int)(job % c->heads);
+        const float *base = c->qkv + (size_t)b * T * 3 * D;
+        const float *Q = base + h * dh, *K = base + D + h * dh, *V = base + 2 * D + h * dh;
+        /* scores = Q K^T (scale folded into the softmax) */
+        vad_sgemm(0, 1, T, T, dh, 1.0f, Q, 3 * D, K, 3 * D, 0.0f, S, T);
+        vad_softmax_rows_serial(S, T, T, T, 1.0f / sqrtf((float)dh));
+        vad_sgemm(0, 0, T, dh, T, 1.0f, S, T, V, 3 * D, 0.0f, c->out + (size_t)b * T * D + h * dh, D);
+    }
+}
+
+void vad_attention(vad_pool *pool, float *out, const float *qkv, float *scratch, int B, int T,
+                   int D, int heads) {
+    attn_ctx c = {out, qkv, scratch, T, D, heads};
+    vad_parallel_for(pool, (int64_t)B * heads, 1, attention_task, &c);
+}

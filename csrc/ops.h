@@ -1,0 +1,39 @@
+/* Multithreaded building blocks on row-major float arrays (forward passes).
+ * Each op partitions rows over the pool; results do not depend on the thread count. */
+#ifndef VAD_OPS_H
+#define VAD_OPS_H
+
+#include <stdint.h>
+
+#include "threadpool.h"
+
+enum vad_activation { VAD_ACT_QUICK_GELU = 0, VAD_ACT_GELU = 1, VAD_ACT_SWIGLU = 2 };
+
+/* out[M,N] = in[M,K] . W[N,K]^T (+ bias[N]) (+ beta*out). Rows of `in` and `out` use strides
+ * lda / ldc. GEMMs are partitioned over rows (or columns when M is small). */
+void vad_linear(vad_pool *pool, float *out, int ldc, const float *in, int lda, const float *W,
+                const float *bias, int M, int N, int K, float beta);
+
+/* LayerNorm over the last dim (biased variance). out may alias in. Rows have stride ld. */
+void vad_layernorm(vad_pool *pool, float *out, int ld_out, const float *in, int ld_in,
+                   const float *w, const float *b, int rows, int C, float eps);
+
+/* x[i] = act(x[i]) over n elements (QuickGELU or exact GELU). */
+void vad_activation_inplace(vad_pool *pool, float *x, int64_t n, int act);
+
+/* SwiGLU: out[r, j] = silu(in[r, j]) * in[r, hidden + j], in has 2*hidden columns. */
+void vad_swiglu(vad_pool *pool, float *out, const float *in, int rows, int hidden);
+
+/* x[r,:] += scale[:] (elementwise, may be NULL) * y[r,:] */
+void vad_residual_add(vad_pool *pool, float *x, const float *y, const float *scale, int rows, int C);
+
+/* Softmax of each row of x [rows, cols] (stride ld), in place, after multiplying by `scale`. */
+void vad_softmax_rows_serial(float *x, int rows, int cols, int ld, float scale);
+
+/* Multi-head self-attention core for a packed qkv [B, T, 3D] (q | k | v, heads contiguous
+ * inside each), writing out [B, T, D]. One T x T score matrix per worker thread (scratch must
+ * hold pool_size * T * T floats). */
+void vad_attention(vad_pool *pool, float *out, const float *qkv, float *scratch, int B, int T,
+                   int D, int heads);
+
+#endif

@@ -1,0 +1,34 @@
+#include "resize.h"
+
+#include <stddef.h>
+
+/* PyTorch area_pixel_compute_source_index for align_corners=False (non-cubic): clamp below 0. */
+static void bilinear_coeffs(int in, int out, int dst, int *i0, int *i1, float *l0, float *l1) {
+    float scale = (float)in / (float)out;
+    float src = scale * ((float)dst + 0.5f) - 0.5f;
+    if (src < 0.0f) src = 0.0f;
+    int i = (int)src;
+    if (i > in - 1) i = in - 1;
+    *i0 = i;
+    *i1 = i + ((i < in - 1) ? 1 : 0);
+    *l1 = src - (float)i;
+    *l0 = 1.0f - *l1;
+}
+
+void vad_resize_bilinear(float *out, const float *in, int C, int Hin, int Win, int Hout, int Wout) {
+    for (int y = 0; y < Hout; y++) {
+        int y0, y1;
+        float ly0, ly1;
+        bilinear_coeffs(Hin, Hout, y, &y0, &y1, &ly0, &ly1);
+        for (int x = 0; x < Wout; x++) {
+            int x0, x1;
+            float lx0, lx1;
+            bilinear_coeffs(Win, Wout, x, &x0, &x1, &lx0, &lx1);
+            const float *p00 = in + ((size_t)y0 * Win + x0) * C, *p01 = in + ((size_t)y0 * Win + x1) * C;
+            const float *p10 = in + ((size_t)y1 * Win + x0) * C, *p11 = in + ((size_t)y1 * Win + x1) * C;
+            float *o = out + ((size_t)y * Wout + x) * C;
+            for (int c = 0; c < C; c++)
+                o[c] = ly0 * (lx0 * p00[c] + lx1 * p01[c]) + ly1 * (lx0 * p10[c] + lx1 * p11[c]);
+        }
+    }
+}

@@ -1,0 +1,340 @@
+#include "vit.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "errors.h"
+#include "ops.h"
+#include "posembed.h"
+
+struct vad_vit {
+    vad_vit_config cfg;
+    const float *params;
+    vad_vit_weights w;
+    vad_pool *pool;
+    /* patch positions resized to the current grid */
+    int pos_grid;
+    float *pos_patch;
+    /* workspace for the current (B, T) */
+    int ws_B, ws_S, ws_T;
+    float *ws;
+    float *x, *h, *qkv, *mlp, *mlp2, *scratch, *cols;
+};
+
+/* ------------------------------------------------------------------ layout */
+
+typedef struct {
+    vad_tensor_entry *entries;
+    int max, count;
+    size_t total;
+} layout_builder;
+
+static const float *emit(layout_builder *lb, const float *base, const char *name, int ndim, int d0,
+                         int d1, int d2, int d3) {
+    size_t size = 1;
+    int dims[4] = {d0, d1, d2, d3};
+    for (int i = 0; i < ndim; i++) size *= (size_t)dims[i];
+    if (lb->entries && lb->count < lb->max) {
+        vad_tensor_entry *e = &lb->entries[lb->count];
+        snprintf(e->name, VAD_NAME_LEN, "%s", name);
+        e->ndim = ndim;
+        for (int i = 0; i < 4; i++) e->shape[i] = i < ndim ? dims[i] : 0;
+        e->offset = lb->total;
+        e->size = size;
+    }
+    const float *p = base ? base + lb->total : NULL;
+    lb->count++;
+    lb->total += size;
+    return p;
+}
+
+/* One walk over the tensors: names/shapes/offsets for the layout, pointers for the weights. */
+static void walk_layout(const vad_vit_config *c, layout_builder *lb, const float *base,
+                        vad_vit_weights *w) {
+    int D = c->width, P = c->patch, Hm = c->mlp_hidden;
+    int fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * Hm : Hm;
+    char name[VAD_NAME_LEN];
+    vad_vit_weights tmp;
+    memset(&tmp, 0, sizeof tmp);
+    if (!w) w = &tmp;
+    w->patch_w = emit(lb, base, "patch.weight", 4, D, 3, P, P);
+    w->patch_b = c->patch_bias ? emit(lb, base, "patch.bias", 1, D, 0, 0, 0) : NULL;
+    w->cls = emit(lb, base, "cls", 1, D, 0, 0, 0);
+    w->pos = emit(lb, base, "pos", 2, 1 + c->grid0 * c->grid0, D, 0, 0);
+    w->registers = c->n_registers ? emit(lb, base, "registers", 2, c->n_registers, D, 0, 0) : NULL;
+    if (c->ln_pre) {
+        w->ln_pre_w = emit(lb, base, "ln_pre.weight", 1, D, 0, 0, 0);
+        w->ln_pre_b = emit(lb, base, "ln_pre.bias", 1, D, 0, 0, 0);
+    }
+    for (int i = 0; i < c->depth; i++) {
+        vad_block_weights bw;
+        memset(&bw, 0, sizeof bw);
+#define BLK(field, suffix, nd, a, b)                                  \
+    snprintf(name, sizeof name, "blocks.%d.%s", i, suffix);         \
+    bw.field = emit(lb, base, name, nd, a, b, 0, 0)
+        BLK(ln1_w, "ln1.weight", 1, D, 0);
+        BLK(ln1_b, "ln1.bias", 1, D, 0);
+        BLK(qkv_w, "qkv.weight", 2, 3 * D, D);
+        BLK(qkv_b, "qkv.bias", 1, 3 * D, 0);
+        BLK(proj_w, "proj.weight", 2, D, D);
+        BLK(proj_b, "proj.bias", 1, D, 0);
+        if (c->layerscale) { BLK(ls1, "ls1", 1, D, 0); }
+        BLK(ln2_w, "ln2.weight", 1, D, 0);
+        BLK(ln2_b, "ln2.bias", 1, D, 0);
+        BLK(fc1_w, "fc1.weight", 2, fc1_out, D);
+        BLK(fc1_b, "fc1.bias", 1, fc1_out, 0);
+        BLK(fc2_w, "fc2.weight", 2, D, Hm);
+        BLK(fc2_b, "fc2.bias", 1, D, 0);
+        if (c->layerscale) { BLK(ls2, "ls2", 1, D, 0); }
+#undef BLK
+        if (w->blocks) w->blocks[i] = bw;
+    }
+    w->ln_post_w = emit(lb, base, "ln_post.weight", 1, D, 0, 0, 0);
+    w->ln_post_b = emit(lb, base, "ln_post.bias", 1, D, 0, 0, 0);
+}
+
+int vad_vit_config_check(const vad_vit_config *c) {
+    if (c->width <= 0 || c->depth <= 0 || c->heads <= 0 || c->patch <= 0 || c->grid0 <= 0 ||
+        c->mlp_hidden <= 0 || c->n_registers < 0)
+        return vad_fail(VAD_ERR_VALUE, "backbone config: sizes must be positive (width=%d depth=%d "
+                        "heads=%d patch=%d grid=%d mlp=%d registers=%d)", c->width, c->depth,
+                        c->heads, c->patch, c->grid0, c->mlp_hidden, c->n_registers);
+    if (c->width % c->heads)
+        return vad_fail(VAD_ERR_VALUE, "backbone config: width %d is not divisible by heads %d",
+                        c->width, c->heads);
+    if (c->activation < VAD_ACT_QUICK_GELU || c->activation > VAD_ACT_SWIGLU)
+        return vad_fail(VAD_ERR_VALUE, "backbone config: unknown activation %d", c->activation);
+    if (c->pos_resize < VAD_POS_BILINEAR || c->pos_resize > VAD_POS_BICUBIC_AA)
+        return vad_fail(VAD_ERR_VALUE, "backbone config: unknown position resize mode %d", c->pos_resize);
+    if (!(c->ln_eps > 0.0f && c->ln_eps < 1.0f))
+        return vad_fail(VAD_ERR_VALUE, "backbone config: layer-norm eps must be in (0, 1)");
+    if ((int64_t)c->width * c->mlp_hidden > (int64_t)1 << 30 || c->width > 1 << 16 || c->depth > 1024)
+        return vad_fail(VAD_ERR_VALUE, "backbone config: model too large");
+    return VAD_OK;
+}
+
+int vad_vit_layout(const vad_vit_config *cfg, vad_tensor_entry *entries, int max, size_t *total) {
+    layout_builder lb = {entries, max, 0, 0};
+    walk_layout(cfg, &lb, NULL, NULL);
+    if (total) *total = lb.total;
+    return lb.count;
+}
+
+/* ------------------------------------------------------------------ lifetime */
+
+vad_vit *vad_vit_create(const vad_vit_config *cfg, const float *params, int nthreads) {
+    if (vad_vit_config_check(cfg) != VAD_OK) return NULL;
+    vad_vit *m = (vad_vit *)calloc(1, sizeof(vad_vit));
+    if (!m) goto oom;
+    m->cfg = *cfg;
+    m->params = params;
+    m->w.blocks = (vad_block_weights *)calloc((size_t)cfg->depth, sizeof(vad_block_weights));
+    if (!m->w.blocks) goto oom;
+    layout_builder lb = {NULL, 0, 0, 0};
+    walk_layout(cfg, &lb, params, &m->w);
+    m->pool = vad_pool_create(nthreads);
+    if (!m->pool) goto oom;
+    return m;
+oom:
+    vad_vit_free(m);
+    vad_fail(VAD_ERR_MEMORY, "out of memory creating the backbone");
+    return NULL;
+}
+
+void vad_vit_free(vad_vit *m) {
+    if (!m) return;
+    vad_pool_free(m->pool);
+    free(m->w.blocks);
+    free(m->pos_patch);
+    free(m->ws);
+    free(m);
+}
+
+const vad_vit_config *vad_vit_get_config(const vad_vit *m) { return &m->cfg; }
+const vad_vit_weights *vad_vit_get_weights(const vad_vit *m) { return &m->w; }
+vad_pool *vad_vit_pool(vad_vit *m) { return m->pool; }
+
+int vad_vit_seq_len(const vad_vit *m, int S, int n_inserted) {
+    int g = S / m->cfg.patch;
+    return n_inserted + 1 + m->cfg.n_registers + g * g;
+}
+
+/* ------------------------------------------------------------------ workspace */
+
+static int ensure_workspace(vad_vit *m, int B, int S, int T) {
+    if (m->ws && m->ws_B == B && m->ws_S == S && m->ws_T == T) return VAD_OK;
+    free(m->ws);
+    m->ws = NULL;
+    const vad_vit_config *c = &m->cfg;
+    size_t D = (size_t)c->width, BT = (size_t)B * T, g = (size_t)(S / c->patch);
+    size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * (size_t)c->mlp_hidden : (size_t)c->mlp_hidden;
+    size_t n_x = BT * D, n_h = BT * D, n_qkv = BT * 3 * D, n_mlp = BT * fc1_out;
+    size_t n_mlp2 = c->activation == VAD_ACT_SWIGLU ? BT * (size_t)c->mlp_hidden : 0;
+    size_t n_scr = (size_t)vad_pool_size(m->pool) * T * T;
+    size_t n_cols = (size_t)B * g * g * 3 * c->patch * c->patch;
+    /* the im2col buffer is only live before the first block: share it with the MLP buffer */
+    size_t n_shared = n_mlp > n_cols ? n_mlp : n_cols;
+    size_t total = n_x + n_h + n_qkv + n_shared + n_mlp2 + n_scr;
+    m->ws = (float *)malloc(total * sizeof(float));
+    if (!m->ws) {
+        m->ws_B = 0;
+        return vad_fail(VAD_ERR_MEMORY, "out of memory: the backbone workspace needs %.1f MB for "
+                        "batch %d at %dx%d", (double)total * 4 / 1e6, B, S, S);
+    }
+    float *p = m->ws;
+    m->x = p; p += n_x;
+    m->h = p; p += n_h;
+    m->qkv = p; p += n_qkv;
+    m->mlp = p; m->cols = p; p += n_shared;
+    m->mlp2 = n_mlp2 ? p : NULL; p += n_mlp2;
+    m->scratch = p;
+    m->ws_B = B;
+    m->ws_S = S;
+    m->ws_T = T;
+    return VAD_OK;
+}
+
+static int ensure_positions(vad_vit *m, int g) {
+    if (m->pos_patch && m->pos_grid == g) return VAD_OK;
+    free(m->pos_patch);
+    const vad_vit_config *c = &m->cfg;
+    m->pos_patch = (float *)malloc((size_t)g * g * c->width * sizeof(float));
+    if (!m->pos_patch) return vad_fail(VAD_ERR_MEMORY, "out of memory resizing positions");
+    int rc = vad_resize_positions(m->pos_patch, m->w.pos + c->width, c->width, c->grid0, g, c->pos_resize);
+    if (rc) {
+        free(m->pos_patch);
+        m->pos_patch = NULL;
+        return rc;
+    }
+    m->pos_grid = g;
+    return VAD_OK;
+}
+
+/* ------------------------------------------------------------------ forward */
+
+typedef struct {
+    float *cols;
+    const float *img;
+    int S, P, g;
+} im2col_ctx;
+
+/* cols[(b*g + gy)*g + gx, (c*P + ky)*P + kx] = img[b, c, gy*P + ky, gx*P + kx] */
+static void im2col_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    im2col_ctx *c = (im2col_ctx *)vctx;
+    int S = c->S, P = c->P, g = c->g;
+    size_t K = (size_t)3 * P * P;
+    for (int64_t row = begin; row < end; row++) {
+        int b = (int)(row / ((int64_t)g * g)), rem = (int)(row % ((int64_t)g * g));
+        int gy = rem / g, gx = rem % g;
+        float *dst = c->cols + (size_t)row * K;
+        for (int ch = 0; ch < 3; ch++)
+            for (int ky = 0; ky < P; ky++) {
+                const float *src = c->img + (((size_t)b * 3 + ch) * S + (size_t)gy * P + ky) * S + (size_t)gx * P;
+                memcpy(dst + ((size_t)ch * P + ky) * P, src, (size_t)P * sizeof(float));
+            }
+    }
+}
+
+typedef struct {
+    float *x;
+    const float *tokens, *inserted, *cls, *pos_cls, *pos_patch, *registers;
+    int T, D, n_ins, n_reg, N;
+} embed_ctx;
+
+/* Assembles [inserted, cls, registers, patches] + positions for each image. */
+static void embed_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    embed_ctx *c = (embed_ctx *)vctx;
+    int D = c->D;
+    for (int64_t r = begin; r < end; r++) {
+        int b = (int)(r / c->T), t = (int)(r % c->T);
+        float *dst = c->x + (size_t)r * D;
+        if (t < c->n_ins) {
+            for (int i = 0; i < D; i++) dst[i] = c->inserted[(size_t)t * D + i] + c->pos_cls[i];
+        } else if (t == c->n_ins) {
+            for (int i = 0; i < D; i++) dst[i] = c->cls[i] + c->pos_cls[i];
+        } else if (t < c->n_ins + 1 + c->n_reg) {
+            memcpy(dst, c->registers + (size_t)(t - c->n_ins - 1) * D, (size_t)D * sizeof(float));
+        } else {
+            int p = t - c->n_ins - 1 - c->n_reg;
+            const float *tok = c->tokens + ((size_t)b * c->N + p) * D;
+            const float *pp = c->pos_patch + (size_t)p * D;
+            for (int i = 0; i < D; i++) dst[i] = tok[i] + pp[i];
+        }
+    }
+}
+
+static void block_forward(vad_vit *m, const vad_block_weights *bw, int B, int T) {
+    const vad_vit_config *c = &m->cfg;
+    int D = c->width, BT = B * T, Hm = c->mlp_hidden;
+    int fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * Hm : Hm;
+    vad_pool *pool = m->pool;
+    /* attention */
+    vad_layernorm(pool, m->h, D, m->x, D, bw->ln1_w, bw->ln1_b, BT, D, c->ln_eps);
+    vad_linear(pool, m->qkv, 3 * D, m->h, D, bw->qkv_w, bw->qkv_b, BT, 3 * D, D, 0.0f);
+    vad_attention(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads);
+    if (bw->ls1) {
+        vad_linear(pool, m->qkv, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 0.0f);
+        vad_residual_add(pool, m->x, m->qkv, bw->ls1, BT, D);
+    } else {
+        vad_linear(pool, m->x, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 1.0f);
+    }
+    /* MLP */
+    vad_layernorm(pool, m->h, D, m->x, D, bw->ln2_w, bw->ln2_b, BT, D, c->ln_eps);
+    vad_linear(pool, m->mlp, fc1_out, m->h, D, bw->fc1_w, bw->fc1_b, BT, fc1_out, D, 0.0f);
+    const float *hidden = m->mlp;
+    if (c->activation == VAD_ACT_SWIGLU) {
+        vad_swiglu(pool, m->mlp2, m->mlp, BT, Hm);
+        hidden = m->mlp2;
+    } else {
+        vad_activation_inplace(pool, m->mlp, (int64_t)BT * Hm, c->activation);
+    }
+    if (bw->ls2) {
+        vad_linear(pool, m->h, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 0.0f);
+        vad_residual_add(pool, m->x, m->h, bw->ls2, BT, D);
+    } else {
+        vad_linear(pool, m->x, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 1.0f);
+    }
+}
+
+int vad_vit_forward(vad_vit *m, const float *images, int B, int S, const float *inserted,
+                    int n_inserted, const int *layers, int n_layers, float *const *layer_out,
+                    float *final_out) {
+    const vad_vit_config *c = &m->cfg;
+    if (B <= 0 || S <= 0) return vad_fail(VAD_ERR_VALUE, "batch and image size must be positive");
+    if (S % c->patch)
+        return vad_fail(VAD_ERR_VALUE, "image side %d is not divisible by the patch size %d", S, c->patch);
+    if (n_inserted < 0 || (n_inserted > 0 && !inserted))
+        return vad_fail(VAD_ERR_VALUE, "inserted tokens missing");
+    for (int i = 0; i < n_layers; i++)
+        if (layers[i] < 0 || layers[i] > c->depth)
+            return vad_fail(VAD_ERR_VALUE, "layer %d is outside 0..%d", layers[i], c->depth);
+    int g = S / c->patch, N = g * g, D = c->width, P = c->patch;
+    int T = vad_vit_seq_len(m, S, n_inserted);
+    int rc = ensure_workspace(m, B, S, T);
+    if (rc) return rc;
+    if ((rc = ensure_positions(m, g))) return rc;
+    vad_pool *pool = m->pool;
+
+    /* patch embedding: im2col + GEMM into h (as [B*N, D]) */
+    im2col_ctx ic = {m->cols, images, S, P, g};
+    vad_parallel_for(pool, (int64_t)B * N, 16, im2col_task, &ic);
+    vad_linear(pool, m->h, D, m->cols, 3 * P * P, m->w.patch_w, m->w.patch_b, B * N, D, 3 * P * P, 0.0f);
+
+    embed_ctx ec = {m->x, m->h, inserted, m->w.cls, m->w.pos, m->pos_patch, m->w.registers,
+                    T, D, n_inserted, c->n_registers, N};
+    vad_parallel_for(pool, (int64_t)B * T, 16, embed_task, &ec);
+    if (c->ln_pre) vad_layernorm(pool, m->x, D, m->x, D, m->w.ln_pre_w, m->w.ln_pre_b, B * T, D, c->ln_eps);
+
+    size_t state = (size_t)B * T * D * sizeof(float);
+    for (int l = 0; l <= c->depth; l++) {
+        if (l > 0) block_forward(m, &m->w.blocks[l - 1], B, T);
+        for (int i = 0; i < n_layers; i++)
+            if (layers[i] == l) memcpy(layer_out[i], m->x, state);
+    }
+    if (final_out) memcpy(final_out, m->x, state);
+    return VAD_OK;
+}

@@ -1,0 +1,75 @@
+/* Frozen ViT backbone (OpenAI CLIP vision tower or DINOv2) with optional inserted tokens.
+ *
+ * Sequence: [inserted_0 .. inserted_{k-1}, cls, registers, patches]. Inserted tokens and cls get
+ * the class position; registers get none; patches get the (resized) patch positions.
+ * Weights live in one float buffer owned by the caller (layout: vad_vit_layout); the model keeps
+ * a pointer to it. A model is used by one thread at a time. */
+#ifndef VAD_VIT_H
+#define VAD_VIT_H
+
+#include <stddef.h>
+
+#include "threadpool.h"
+
+enum vad_pos_resize {
+    VAD_POS_BILINEAR = 0,       /* CLIP: bilinear, align_corners=False, no antialias */
+    VAD_POS_BICUBIC_SCALE = 1,  /* DINOv2 (no registers): bicubic A=-0.75, scale (g+0.1)/G0 */
+    VAD_POS_BICUBIC_AA = 2,     /* DINOv2 with registers: bicubic to size g, antialias */
+};
+
+typedef struct {
+    int width, depth, heads, patch;
+    int grid0;       /* native grid of the positional embedding (pos has 1 + grid0^2 rows) */
+    int mlp_hidden;  /* hidden width of the MLP (SwiGLU: width of each half) */
+    int n_registers; /* DINOv2 register tokens */
+    int patch_bias, ln_pre, layerscale;
+    int activation; /* enum vad_activation */
+    int pos_resize; /* enum vad_pos_resize */
+    float ln_eps;
+} vad_vit_config;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ls1;
+    const float *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b, *ls2;
+} vad_block_weights;
+
+typedef struct {
+    const float *patch_w, *patch_b, *cls, *pos, *registers, *ln_pre_w, *ln_pre_b;
+    const float *ln_post_w, *ln_post_b;
+    vad_block_weights *blocks;
+} vad_vit_weights;
+
+#define VAD_NAME_LEN 48
+typedef struct {
+    char name[VAD_NAME_LEN];
+    int ndim;
+    int shape[4];
+    size_t offset, size; /* in floats */
+} vad_tensor_entry;
+
+/* Checks the configuration; VAD_OK or VAD_ERR_VALUE with a message. */
+int vad_vit_config_check(const vad_vit_config *cfg);
+/* Fills entries (if non-NULL, up to max) and returns the number of tensors; *total = floats. */
+int vad_vit_layout(const vad_vit_config *cfg, vad_tensor_entry *entries, int max, size_t *total);
+
+typedef struct vad_vit vad_vit;
+
+vad_vit *vad_vit_create(const vad_vit_config *cfg, const float *params, int nthreads);
+void vad_vit_free(vad_vit *m);
+const vad_vit_config *vad_vit_get_config(const vad_vit *m);
+const vad_vit_weights *vad_vit_get_weights(const vad_vit *m);
+vad_pool *vad_vit_pool(vad_vit *m);
+
+/* Runs the tower on images [B, 3, S, S] (already normalised).
+ * inserted: [n_inserted, D] tokens placed before cls (NULL when n_inserted == 0).
+ * layers: 1-based block indices (0 = the input of block 1, after ln_pre); layer_out[i] receives
+ * the residual stream [B, T, D] after block layers[i]. final_out (may be NULL) receives the
+ * stream after the last block. T = n_inserted + 1 + n_registers + (S/patch)^2. */
+int vad_vit_forward(vad_vit *m, const float *images, int B, int S, const float *inserted,
+                    int n_inserted, const int *layers, int n_layers, float *const *layer_out,
+                    float *final_out);
+
+/* Number of sequence positions for a given input side. */
+int vad_vit_seq_len(const vad_vit *m, int S, int n_inserted);
+
+#endif

@@ -1,0 +1,17 @@
+"""VisualAD: language-free zero-shot anomaly detection with a ViT, in C.
+
+>>> import visualad
+>>> det = visualad.Detector("ViT-L-14-336px.pt", head="CLIP.pth")
+>>> maps = det.anomaly_maps(["img.png"])      # (N, S, S) float32
+>>> scores = det.anomaly_scores(["img.png"])  # (N,) float32
+"""
+from ._blas import preload_openblas
+
+preload_openblas()
+
+from . import _engine  # noqa: E402
+from .detector import Detector  # noqa: E402
+from .errors import CheckpointError  # noqa: E402
+
+__all__ = ["Detector", "CheckpointError"]
+__version__ = "0.1.0"

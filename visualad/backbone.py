@@ -1,0 +1,198 @@
+"""Backbone weights in canonical naming -> the C engine's configuration and weight buffer.
+
+Two canonical namings are accepted (API.md): OpenAI CLIP (``visual.*``) and DINOv2 hub
+(``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...). The engine stores all weights
+in one float32 buffer whose layout it defines itself (``_engine.vit_layout``)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _engine
+
+# enum values shared with csrc/ops.h and csrc/vit.h
+ACTIVATIONS = {"quick_gelu": 0, "gelu": 1, "swiglu": 2}
+POS_BILINEAR, POS_BICUBIC_SCALE, POS_BICUBIC_AA = 0, 1, 2
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class EngineBackbone:
+    """A backbone ready for the engine: family, config dict, packed weights, preprocessing."""
+
+    family: str
+    config: dict
+    params: np.ndarray
+    mean: tuple
+    std: tuple
+    default_ln_post: tuple = field(default=(None, None))
+
+    @property
+    def width(self) -> int:
+        return self.config["width"]
+
+    @property
+    def depth(self) -> int:
+        return self.config["depth"]
+
+
+def detect_family(tensors: dict) -> str:
+    if "visual.conv1.weight" in tensors:
+        return "clip"
+    if "patch_embed.proj.weight" in tensors:
+        return "dinov2"
+    raise ValueError(
+        "cannot tell the backbone naming: expected OpenAI CLIP keys ('visual.conv1.weight', ...) "
+        "or DINOv2 hub keys ('patch_embed.proj.weight', ...)")
+
+
+def _get(tensors: dict, key: str, shape: tuple | None = None) -> np.ndarray:
+    if key not in tensors:
+        raise ValueError(f"backbone weights are missing '{key}'")
+    arr = np.asarray(tensors[key])
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"backbone weight '{key}' must be a float array, got {arr.dtype}")
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"backbone weight '{key}' has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    return arr
+
+
+def _count_blocks(tensors: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    idx = {int(m.group(1)) for k in tensors for m in [rx.match(k)] if m}
+    if not idx:
+        raise ValueError("backbone weights contain no transformer blocks")
+    depth = max(idx) + 1
+    missing = sorted(set(range(depth)) - idx)
+    if missing:
+        raise ValueError(f"backbone weights are missing transformer block(s) {missing}")
+    return depth
+
+
+def _grid_from_pos(n_pos: int, key: str) -> int:
+    grid = math.isqrt(n_pos - 1)
+    if grid * grid != n_pos - 1:
+        raise ValueError(f"'{key}' has {n_pos} rows: expected 1 + grid*grid")
+    return grid
+
+
+def _clip_sources(t: dict, hints: dict) -> tuple[dict, dict]:
+    w = _get(t, "visual.conv1.weight")
+    if w.ndim != 4 or w.shape[1] != 3 or w.shape[2] != w.shape[3]:
+        raise ValueError(f"'visual.conv1.weight' must have shape (D, 3, P, P), got {w.shape}")
+    D, P = w.shape[0], w.shape[2]
+    pos = _get(t, "visual.positional_embedding")
+    if pos.ndim != 2 or pos.shape[1] != D:
+        raise ValueError(f"'visual.positional_embedding' must have shape (1+G*G, {D}), got {pos.shape}")
+    grid = _grid_from_pos(pos.shape[0], "visual.positional_embedding")
+    depth = _count_blocks(t, r"visual\.transformer\.resblocks\.(\d+)\.")
+    hidden = _get(t, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0]
+    heads = int(hints.get("heads") or max(1, D // 64))
+    cfg = dict(width=D, depth=depth, heads=heads, patch=P, grid=grid, mlp_hidden=hidden, registers=0,
+               patch_bias=0, ln_pre=1, layerscale=0,
+               activation=ACTIVATIONS[hints.get("activation") or "quick_gelu"],
+               pos_resize=POS_BILINEAR, ln_eps=float(hints.get("ln_eps") or 1e-5))
+    src = {"patch.weight": "visual.conv1.weight", "cls": "visual.class_embedding",
+           "pos": "visual.positional_embedding", "ln_pre.weight": "visual.ln_pre.weight",
+           "ln_pre.bias": "visual.ln_pre.bias", "ln_post.weight": "visual.ln_post.weight",
+           "ln_post.bias": "visual.ln_post.bias"}
+    per_block = {"ln1.weight": "ln_1.weight", "ln1.bias": "ln_1.bias", "qkv.weight": "attn.in_proj_weight",
+                 "qkv.bias": "attn.in_proj_bias", "proj.weight": "attn.out_proj.weight",
+                 "proj.bias": "attn.out_proj.bias", "ln2.weight": "ln_2.weight", "ln2.bias": "ln_2.bias",
+                 "fc1.weight": "mlp.c_fc.weight", "fc1.bias": "mlp.c_fc.bias",
+                 "fc2.weight": "mlp.c_proj.weight", "fc2.bias": "mlp.c_proj.bias"}
+    for i in range(depth):
+        for k, v in per_block.items():
+            src[f"blocks.{i}.{k}"] = f"visual.transformer.resblocks.{i}.{v}"
+    return cfg, src
+
+
+def _dinov2_sources(t: dict, hints: dict) -> tuple[dict, dict]:
+    w = _get(t, "patch_embed.proj.weight")
+    if w.ndim != 4 or w.shape[1] != 3 or w.shape[2] != w.shape[3]:
+        raise ValueError(f"'patch_embed.proj.weight' must have shape (D, 3, P, P), got {w.shape}")
+    D, P = w.shape[0], w.shape[2]
+    pos = _get(t, "pos_embed")
+    pos2 = pos.reshape(-1, pos.shape[-1]) if pos.ndim == 3 and pos.shape[0] == 1 else pos
+    if pos2.ndim != 2 or pos2.shape[1] != D:
+        raise ValueError(f"'pos_embed' must have shape (1, 1+G*G, {D}), got {pos.shape}")
+    grid = _grid_from_pos(pos2.shape[0], "pos_embed")
+    depth = _count_blocks(t, r"blocks\.(\d+)\.")
+    swiglu = "blocks.0.mlp.w12.weight" in t
+    if swiglu:
+        hidden = _get(t, "blocks.0.mlp.w3.weight").shape[1]
+    else:
+        hidden = _get(t, "blocks.0.mlp.fc1.weight").shape[0]
+    registers = 0
+    if "register_tokens" in t:
+        registers = int(np.asarray(t["register_tokens"]).reshape(-1, D).shape[0])
+    layerscale = int("blocks.0.ls1.gamma" in t)
+    heads = int(hints.get("heads") or max(1, D // 64))
+    act = "swiglu" if swiglu else (hints.get("activation") or "gelu")
+    cfg = dict(width=D, depth=depth, heads=heads, patch=P, grid=grid, mlp_hidden=hidden,
+               registers=registers, patch_bias=1, ln_pre=0, layerscale=layerscale,
+               activation=ACTIVATIONS[act],
+               pos_resize=POS_BICUBIC_AA if registers else POS_BICUBIC_SCALE,
+               ln_eps=float(hints.get("ln_eps") or 1e-6))
+    src = {"patch.weight": "patch_embed.proj.weight", "patch.bias": "patch_embed.proj.bias",
+           "cls": "cls_token", "pos": "pos_embed", "ln_post.weight": "norm.weight", "ln_post.bias": "norm.bias"}
+    if registers:
+        src["registers"] = "register_tokens"
+    fc1, fc2 = ("mlp.w12", "mlp.w3") if swiglu else ("mlp.fc1", "mlp.fc2")
+    per_block = {"ln1.weight": "norm1.weight", "ln1.bias": "norm1.bias", "qkv.weight": "attn.qkv.weight",
+                 "qkv.bias": "attn.qkv.bias", "proj.weight": "attn.proj.weight", "proj.bias": "attn.proj.bias",
+                 "ln2.weight": "norm2.weight", "ln2.bias": "norm2.bias", "fc1.weight": f"{fc1}.weight",
+                 "fc1.bias": f"{fc1}.bias", "fc2.weight": f"{fc2}.weight", "fc2.bias": f"{fc2}.bias"}
+    if layerscale:
+        per_block.update({"ls1": "ls1.gamma", "ls2": "ls2.gamma"})
+    for i in range(depth):
+        for k, v in per_block.items():
+            src[f"blocks.{i}.{k}"] = f"blocks.{i}.{v}"
+    return cfg, src
+
+
+def build_backbone(tensors: dict, family: str | None = None, hints: dict | None = None) -> EngineBackbone:
+    """Validates canonical-named weights and packs them into the engine's single buffer."""
+    if not isinstance(tensors, dict):
+        raise TypeError(f"backbone weights must be a dict of arrays, got {type(tensors).__name__}")
+    hints = dict(hints or {})
+    family = family or detect_family(tensors)
+    if family == "clip":
+        cfg, src = _clip_sources(tensors, hints)
+        mean, std = CLIP_MEAN, CLIP_STD
+    elif family == "dinov2":
+        cfg, src = _dinov2_sources(tensors, hints)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        raise ValueError(f"unknown backbone family {family!r}")
+    layout, total = _engine.vit_layout(cfg)
+    params = np.empty(total, dtype=np.float32)
+    for name, shape, offset in layout:
+        key = src[name]
+        arr = _get(tensors, key)
+        size = int(np.prod(shape))
+        if arr.size != size:
+            raise ValueError(f"backbone weight '{key}' has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        if arr.ndim > 1 and name not in ("cls", "pos", "registers") and tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"backbone weight '{key}' has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        flat = np.asarray(arr, dtype=np.float32).reshape(-1)
+        if not np.isfinite(flat).all():
+            raise ValueError(f"backbone weight '{key}' contains NaN or Inf")
+        params[offset:offset + size] = flat
+    ln_post = (params_view(params, layout, "ln_post.weight").copy(),
+               params_view(params, layout, "ln_post.bias").copy())
+    return EngineBackbone(family, cfg, params, mean, std, ln_post)
+
+
+def params_view(params: np.ndarray, layout: list, name: str) -> np.ndarray:
+    for n, shape, offset in layout:
+        if n == name:
+            return params[offset:offset + int(np.prod(shape))].reshape(shape)
+    raise KeyError(name)

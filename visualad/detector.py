@@ -1,0 +1,193 @@
+"""The scikit-learn style VisualAD detector (API.md)."""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import numpy as np
+
+from . import _engine
+from .backbone import EngineBackbone, build_backbone
+from .head import default_layers, init_head, validate_head
+from .preprocess import ImageSource
+from .progress import Progress
+
+
+def _load_backbone(spec) -> EngineBackbone:
+    if isinstance(spec, EngineBackbone):
+        return spec
+    if isinstance(spec, dict):
+        return build_backbone(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        from .checkpoint import load_backbone
+        weights = load_backbone(spec)
+        return build_backbone(weights.tensors, weights.family, weights.hints)
+    raise TypeError(f"backbone must be a path or a dict of arrays, got {type(spec).__name__}")
+
+
+def _load_head(spec, width: int) -> dict | None:
+    if spec is None:
+        return None
+    if isinstance(spec, (str, os.PathLike)):
+        from .checkpoint import load_head
+        spec = load_head(spec)
+    return validate_head(spec, width)
+
+
+class Detector:
+    """VisualAD anomaly detector: a frozen ViT backbone plus the learned VisualAD head.
+
+    Parameters
+    ----------
+    backbone : path or dict
+        A CLIP or DINOv2 checkpoint (file or Hugging Face folder, any supported format), or a dict
+        ``{name: ndarray}`` in OpenAI-CLIP (``visual.*``) or DINOv2-hub naming.
+    head : path, dict or None
+        A VisualAD head (official ``CLIP.pth`` layout or a dict in that layout). None: a fresh
+        head initialised from ``random_state``.
+    image_size : int, optional
+        Input side S (default: the head's ``image_size``, else 518). Must be divisible by the patch.
+    layers : list of int, optional
+        1-based block indices (default: the head's ``features_list``, else 4 evenly spaced).
+    sigma : float
+        Gaussian filter on the final map (0 disables).
+    topk_ratio : float
+        Image score = mean of the top ``ceil(S*S*topk_ratio)`` map values.
+    threshold : float
+        Decision threshold on ``anomaly_scores``.
+    num_threads : int, optional
+        Threads for the C engine (None = all cores).
+    random_state : int
+        Seed for fresh heads and training.
+    batch_size : int
+        Images per engine call (bounds memory); also the training batch size.
+    progress : bool
+        Show progress bars on long runs.
+    epochs, learning_rate, head_learning_rate, dropout :
+        Training hyper-parameters used by :meth:`fit` (SPEC §3 defaults).
+    """
+
+    def __init__(self, backbone, head=None, *, image_size=None, layers=None, sigma=4.0, topk_ratio=0.01,
+                 threshold=0.0, num_threads=None, random_state=111, batch_size=8, progress=False,
+                 epochs=1, learning_rate=1e-3, head_learning_rate=1e-4, dropout=0.1):
+        self.backbone = backbone
+        self.head = head
+        self.image_size = image_size
+        self.layers = layers
+        self.sigma = sigma
+        self.topk_ratio = topk_ratio
+        self.threshold = threshold
+        self.num_threads = num_threads
+        self.random_state = random_state
+        self.batch_size = batch_size
+        self.progress = progress
+        self.epochs = epochs
+        self.learning_rate = learning_rate
+        self.head_learning_rate = head_learning_rate
+        self.dropout = dropout
+
+    # ------------------------------------------------------------------ scikit-learn protocol
+    @classmethod
+    def _get_param_names(cls):
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values() if p.name != "self"]
+
+    def get_params(self, deep=True):
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params):
+        valid = set(self._get_param_names())
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(f"invalid parameter {key!r} for Detector; valid: {sorted(valid)}")
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self):
+        b = self.backbone if isinstance(self.backbone, (str, os.PathLike)) else f"<{type(self.backbone).__name__}>"
+        return f"Detector(backbone={b!r}, image_size={self.image_size}, layers={self.layers})"
+
+    # ------------------------------------------------------------------ lazy model state
+    def _threads(self) -> int:
+        if self.num_threads is None:
+            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = int(self.num_threads)
+        if n < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+        return n
+
+    def _model(self):
+        """Loads (once, cached on the identity of the inputs) the backbone, engine and head."""
+        key = (id(self.backbone), id(self.head), self._threads())
+        if getattr(self, "_model_key", None) == key and getattr(self, "head_", None) is not None:
+            return self._engine_
+        bb = _load_backbone(self.backbone)
+        engine = _engine.Backbone(bb.config, bb.params, self._threads())
+        head = _load_head(self.head, bb.width)
+        self._backbone_, self._engine_ = bb, engine
+        self._model_key = key
+        self.head_ = head if head is not None else self._fresh_head(bb)
+        return engine
+
+    def _fresh_head(self, bb: EngineBackbone) -> dict:
+        layers = self.layers if self.layers is not None else default_layers(bb.depth)
+        size = self.image_size if self.image_size is not None else 518
+        return init_head(bb.width, list(layers), bb.default_ln_post, size, self.random_state)
+
+    def _settings(self):
+        """Resolved (image_size, layers) after the model is loaded, validated."""
+        bb = self._backbone_
+        size = self.image_size if self.image_size is not None else self.head_.get("image_size", 518)
+        size = int(size)
+        patch = bb.config["patch"]
+        if size <= 0 or size % patch:
+            raise ValueError(f"image_size {size} is not a positive multiple of the patch size {patch}")
+        layers = self.layers if self.layers is not None else self.head_.get("features_list")
+        if layers is None:
+            layers = default_layers(bb.depth)
+        layers = [int(l) for l in layers]
+        if not layers:
+            raise ValueError("layers must not be empty")
+        for l in layers:
+            if not 1 <= l <= bb.depth:
+                raise ValueError(f"layer {l} is outside 1..{bb.depth} for this backbone")
+        return size, layers
+
+    def _source(self, X, size):
+        bb = self._backbone_
+        return ImageSource(X, size, bb.mean, bb.std)
+
+    def _batch_size(self) -> int:
+        bs = int(self.batch_size)
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        return bs
+
+    # ------------------------------------------------------------------ API
+    def encode(self, X) -> dict:
+        """Backbone features as VisualAD sees them.
+
+        Returns ``{"layers": {l: (N, patches, D)}, "anomaly_token": (N, D), "normal_token": (N, D)}``:
+        ln_post (the head's) of the residual stream after block ``l`` at the patch positions, and of
+        the two inserted tokens after the final block (before SCA)."""
+        engine = self._model()
+        size, layers = self._settings()
+        src = self._source(X, size)
+        head = self.head_
+        tokens = np.stack([head["anomaly_token"], head["normal_token"]])
+        n = len(src)
+        out_layers = {l: None for l in layers}
+        ta_all, tn_all = [], []
+        feats_parts = {l: [] for l in layers}
+        with Progress(n, "encode", self.progress and n > 1) as bar:
+            for _, batch in src.batches(self._batch_size()):
+                feats, ta, tn = engine.encode(batch, layers, tokens, head["ln_post_weight"], head["ln_post_bias"])
+                for l, f in zip(layers, feats):
+                    feats_parts[l].append(f)
+                ta_all.append(ta)
+                tn_all.append(tn)
+                bar.update(len(batch))
+        for l in out_layers:
+            out_layers[l] = np.concatenate(feats_parts[l]) if len(feats_parts[l]) > 1 else feats_parts[l][0]
+        return {"layers": out_layers, "anomaly_token": np.concatenate(ta_all), "normal_token": np.concatenate(tn_all)}

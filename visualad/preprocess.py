@@ -1,0 +1,105 @@
+"""Turning user inputs into normalised float32 batches (SPEC §1 preprocessing).
+
+decode -> RGB -> PIL bicubic resize to S x S -> /255 -> (x - mean) / std, all in float32 as
+torchvision's Resize + ToTensor + Normalize do on a PIL image."""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def open_image(path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except Exception as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+
+
+def _array_to_pil(arr: np.ndarray, where: str) -> Image.Image:
+    if arr.dtype != np.uint8:
+        raise TypeError(f"{where}: images given as arrays must be uint8 (H,W,3)/(H,W) or float32 "
+                        f"(N,3,S,S) already normalised; got {arr.dtype} {arr.shape}")
+    if arr.ndim == 2:
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        return Image.fromarray(np.ascontiguousarray(arr), mode="RGBA").convert("RGB")
+    raise ValueError(f"{where}: expected shape (H, W, 3) or (H, W), got {arr.shape}")
+
+
+def normalize_pil(im: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """[3, S, S] float32 from one PIL image."""
+    im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+    x = np.asarray(im, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+class ImageSource:
+    """A uniform, indexable view of every input form API.md accepts, decoded lazily."""
+
+    def __init__(self, X, size: int, mean, std):
+        self.size, self.mean, self.std = int(size), mean, std
+        self.prepared = None
+        if isinstance(X, np.ndarray) and X.dtype == np.float32 and X.ndim == 4:
+            if X.shape[1] != 3 or X.shape[2] != self.size or X.shape[3] != self.size:
+                raise ValueError(f"float32 input must already be (N, 3, {self.size}, {self.size}), got {X.shape}")
+            if not np.isfinite(X).all():
+                raise ValueError("input images contain NaN or Inf values")
+            self.prepared = np.ascontiguousarray(X)
+            self.items = None
+        elif isinstance(X, np.ndarray) and X.dtype == np.uint8 and X.ndim == 4:
+            self.items = list(X)
+        elif isinstance(X, np.ndarray):
+            if X.ndim in (2, 3) and X.dtype == np.uint8:
+                self.items = [X]
+            elif X.dtype != np.uint8 and X.dtype != np.float32:
+                raise TypeError(f"image arrays must be uint8 or float32, got {X.dtype}")
+            else:
+                raise ValueError(f"unsupported image array shape {X.shape} for dtype {X.dtype}")
+        elif _is_path(X) or isinstance(X, Image.Image):
+            self.items = [X]
+        elif isinstance(X, (list, tuple)):
+            self.items = list(X)
+        else:
+            raise TypeError(f"unsupported input type {type(X).__name__}: give paths, PIL images, "
+                            "uint8 arrays or a float32 (N,3,S,S) array")
+        if self.items is not None and not self.items:
+            raise ValueError("no images given")
+
+    def __len__(self) -> int:
+        return len(self.prepared) if self.prepared is not None else len(self.items)
+
+    def _one(self, i: int) -> np.ndarray:
+        item = self.items[i]
+        if _is_path(item):
+            im = open_image(item)
+        elif isinstance(item, Image.Image):
+            im = item
+        elif isinstance(item, np.ndarray):
+            im = _array_to_pil(item, f"image {i}")
+        else:
+            raise TypeError(f"image {i}: unsupported type {type(item).__name__}")
+        return normalize_pil(im, self.size, self.mean, self.std)
+
+    def batch(self, start: int, stop: int) -> np.ndarray:
+        if self.prepared is not None:
+            return self.prepared[start:stop]
+        return np.stack([self._one(i) for i in range(start, stop)])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        n = len(self)
+        for start in range(0, n, batch_size):
+            yield start, self.batch(start, min(n, start + batch_size))
