@@ -9,6 +9,9 @@
 
 #include "encode.h"
 #include "errors.h"
+#include "head.h"
+#include "maps.h"
+#include "resize.h"
 #include "vit.h"
 
 /* ================================================================== helpers */
@@ -387,11 +390,320 @@ static PyTypeObject BackboneType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* ================================================================== Head type */
+
+static int parse_flag_list(PyObject *d, const char *key, unsigned char *out, int n) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) {
+        memset(out, 1, (size_t)n);
+        return 0;
+    }
+    PyObject *fast = PySequence_Fast(v, "head flags must be a sequence");
+    if (!fast) return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != n) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "head config '%s' must have %d entries", key, n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        int t = PyObject_IsTrue(PySequence_Fast_GET_ITEM(fast, i));
+        if (t < 0) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        out[i] = (unsigned char)t;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+static int parse_head_config(PyObject *d, vad_head_config *c) {
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "head config must be a dict");
+        return -1;
+    }
+    memset(c, 0, sizeof *c);
+    if (dict_int(d, "width", &c->width, 1) || dict_int(d, "n_layers", &c->n_layers, 1) ||
+        dict_int(d, "n_anchors", &c->n_anchors, 1) || dict_int(d, "pos_rows", &c->pos_rows, 1) ||
+        dict_int(d, "saf_hidden", &c->saf_hidden, 1))
+        return -1;
+    if (vad_head_config_check(c) != VAD_OK) {
+        raise_status(VAD_ERR_VALUE);
+        return -1;
+    }
+    if (parse_flag_list(d, "has_sca", c->has_sca, c->n_layers) ||
+        parse_flag_list(d, "has_saf", c->has_saf, c->n_layers))
+        return -1;
+    return 0;
+}
+
+static PyObject *layout_to_list(vad_tensor_entry *entries, int n, size_t total) {
+    PyObject *list = PyList_New(n);
+    for (int i = 0; list && i < n; i++) {
+        PyObject *shape = PyTuple_New(entries[i].ndim);
+        for (int k = 0; shape && k < entries[i].ndim; k++)
+            PyTuple_SET_ITEM(shape, k, PyLong_FromLong(entries[i].shape[k]));
+        PyObject *item = shape ? Py_BuildValue("(sNn)", entries[i].name, shape, (Py_ssize_t)entries[i].offset) : NULL;
+        if (!item) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    if (!list) return NULL;
+    return Py_BuildValue("(Nn)", list, (Py_ssize_t)total);
+}
+
+static PyObject *py_head_layout(PyObject *self, PyObject *arg) {
+    (void)self;
+    vad_head_config cfg;
+    if (parse_head_config(arg, &cfg)) return NULL;
+    size_t total = 0;
+    int n = vad_head_layout(&cfg, NULL, 0, &total);
+    vad_tensor_entry *entries = (vad_tensor_entry *)PyMem_Calloc((size_t)n, sizeof(vad_tensor_entry));
+    if (!entries) return PyErr_NoMemory();
+    vad_head_layout(&cfg, entries, n, &total);
+    PyObject *res = layout_to_list(entries, n, total);
+    PyMem_Free(entries);
+    return res;
+}
+
+typedef struct {
+    PyObject_HEAD
+    vad_head *head;
+    vad_head_config cfg;
+    PyArrayObject *params;
+    PyThread_type_lock lock;
+} HeadObject;
+
+static void Head_dealloc(HeadObject *self) {
+    vad_head_free(self->head);
+    Py_XDECREF(self->params);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Head_init(HeadObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "params", "num_threads", NULL};
+    PyObject *config, *params;
+    int nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|i", kwlist, &config, &params, &nthreads)) return -1;
+    if (self->head) {
+        PyErr_SetString(PyExc_RuntimeError, "Head is already initialised");
+        return -1;
+    }
+    if (parse_head_config(config, &self->cfg)) return -1;
+    PyArrayObject *p = as_float_array(params, "params", 1);
+    if (!p) return -1;
+    size_t total = 0;
+    vad_head_layout(&self->cfg, NULL, 0, &total);
+    if ((size_t)PyArray_SIZE(p) != total) {
+        PyErr_Format(PyExc_ValueError, "head params has %zd floats, the configuration needs %zu",
+                     (Py_ssize_t)PyArray_SIZE(p), total);
+        Py_DECREF(p);
+        return -1;
+    }
+    if (!PyArray_ISWRITEABLE(p) || (PyObject *)p != params) {
+        Py_DECREF(p);
+        PyErr_SetString(PyExc_ValueError, "head params must be a writeable C-contiguous float32 array");
+        return -1;
+    }
+    self->head = vad_head_create(&self->cfg, (const float *)PyArray_DATA(p), nthreads < 1 ? 1 : nthreads);
+    self->lock = PyThread_allocate_lock();
+    if (!self->head || !self->lock) {
+        Py_DECREF(p);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->params = p;
+    return 0;
+}
+
+static PyObject *Head_maps(HeadObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"feats", "anomaly_token", "normal_token", "image_size", "sigma", "topk",
+                             "layer_maps", "tokens", NULL};
+    PyObject *feats_obj, *ta_obj, *tn_obj;
+    int S, topk, want_layers = 0, want_tokens = 0;
+    double sigma;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOidi|pp", kwlist, &feats_obj, &ta_obj, &tn_obj, &S,
+                                     &sigma, &topk, &want_layers, &want_tokens))
+        return NULL;
+    if (!self->head) {
+        PyErr_SetString(PyExc_RuntimeError, "Head is not initialised");
+        return NULL;
+    }
+    const vad_head_config *c = &self->cfg;
+    int D = c->width, L = c->n_layers;
+    if (!isfinite(sigma) || sigma < 0 || sigma > 1000) {
+        PyErr_SetString(PyExc_ValueError, "sigma must be a finite number in [0, 1000]");
+        return NULL;
+    }
+    if (S < 1 || S > 1 << 14) {
+        PyErr_Format(PyExc_ValueError, "image_size %d is out of range", S);
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(feats_obj, "feats must be a sequence of arrays");
+    if (!fast) return NULL;
+    PyArrayObject *feats[VAD_HEAD_MAX_LAYERS] = {0};
+    PyArrayObject *ta = NULL, *tn = NULL;
+    PyObject *final_maps = NULL, *scores = NULL, *layer_maps = NULL, *tokens = NULL, *result = NULL;
+    const float *fptr[VAD_HEAD_MAX_LAYERS];
+    int B = -1, N = -1;
+    if (PySequence_Fast_GET_SIZE(fast) != L) {
+        PyErr_Format(PyExc_ValueError, "feats must hold %d layers", L);
+        goto done;
+    }
+    for (int i = 0; i < L; i++) {
+        feats[i] = as_float_array(PySequence_Fast_GET_ITEM(fast, i), "feats[i]", 3);
+        if (!feats[i]) goto done;
+        npy_intp *d = PyArray_DIMS(feats[i]);
+        if (i == 0) {
+            B = (int)d[0];
+            N = (int)d[1];
+        }
+        if (d[0] != B || d[1] != N || d[2] != D) {
+            PyErr_Format(PyExc_ValueError, "feats[%d] must have shape (%d, %d, %d)", i, B, N, D);
+            goto done;
+        }
+        fptr[i] = (const float *)PyArray_DATA(feats[i]);
+    }
+    int g = (int)lround(sqrt((double)N));
+    if (B < 1 || g * g != N) {
+        PyErr_Format(PyExc_ValueError, "feats hold %d patches: expected a square grid", N);
+        goto done;
+    }
+    ta = as_float_array(ta_obj, "anomaly_token", 2);
+    tn = ta ? as_float_array(tn_obj, "normal_token", 2) : NULL;
+    if (!ta || !tn) goto done;
+    if (PyArray_DIM(ta, 0) != B || PyArray_DIM(ta, 1) != D || PyArray_DIM(tn, 0) != B || PyArray_DIM(tn, 1) != D) {
+        PyErr_Format(PyExc_ValueError, "tokens must have shape (%d, %d)", B, D);
+        goto done;
+    }
+    if (topk < 1 || (int64_t)topk > (int64_t)S * S) {
+        PyErr_Format(PyExc_ValueError, "topk %d is outside 1..%d", topk, S * S);
+        goto done;
+    }
+    npy_intp mdims[3] = {B, S, S}, sdims[1] = {B}, ldims[4] = {L, B, S, S}, tdims[4] = {L, 2, B, D};
+    final_maps = new_float_array(3, mdims);
+    scores = new_float_array(1, sdims);
+    if (!final_maps || !scores) goto done;
+    if (want_layers && !(layer_maps = new_float_array(4, ldims))) goto done;
+    if (want_tokens && !(tokens = new_float_array(4, tdims))) goto done;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    rc = vad_head_maps(self->head, fptr, (const float *)PyArray_DATA(ta), (const float *)PyArray_DATA(tn), B, g, S,
+                       sigma, topk, (float *)PyArray_DATA((PyArrayObject *)final_maps),
+                       (float *)PyArray_DATA((PyArrayObject *)scores),
+                       layer_maps ? (float *)PyArray_DATA((PyArrayObject *)layer_maps) : NULL,
+                       tokens ? (float *)PyArray_DATA((PyArrayObject *)tokens) : NULL);
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        raise_status(rc);
+        goto done;
+    }
+    result = PyTuple_Pack(4, final_maps, scores, layer_maps ? layer_maps : Py_None, tokens ? tokens : Py_None);
+done:
+    Py_DECREF(fast);
+    for (int i = 0; i < L; i++) Py_XDECREF(feats[i]);
+    Py_XDECREF(ta);
+    Py_XDECREF(tn);
+    Py_XDECREF(final_maps);
+    Py_XDECREF(scores);
+    Py_XDECREF(layer_maps);
+    Py_XDECREF(tokens);
+    return result;
+}
+
+static PyMethodDef Head_methods[] = {
+    {"maps", (PyCFunction)(void (*)(void))Head_maps, METH_VARARGS | METH_KEYWORDS,
+     "maps(feats, anomaly_token, normal_token, image_size, sigma, topk, layer_maps=False, tokens=False)\n"
+     "-> (final (B,S,S), scores (B,), layer maps (L,B,S,S) or None, SCA tokens (L,2,B,D) or None)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject HeadType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "visualad._engine.Head",
+    .tp_basicsize = sizeof(HeadObject),
+    .tp_dealloc = (destructor)Head_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Head(config, params, num_threads=1): the VisualAD head (SCA, SAF, maps, score) in C.",
+    .tp_methods = Head_methods,
+    .tp_init = (initproc)Head_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ================================================================== map utilities */
+
+static PyObject *py_gaussian_filter(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj;
+    double sigma;
+    int nthreads = 1;
+    if (!PyArg_ParseTuple(args, "Od|i", &obj, &sigma, &nthreads)) return NULL;
+    if (!isfinite(sigma) || sigma < 0 || sigma > 1000) {
+        PyErr_SetString(PyExc_ValueError, "sigma must be a finite number in [0, 1000]");
+        return NULL;
+    }
+    PyArrayObject *in = as_float_array(obj, "maps", 3);
+    if (!in) return NULL;
+    PyArrayObject *out = (PyArrayObject *)PyArray_NewCopy(in, NPY_CORDER);
+    Py_DECREF(in);
+    if (!out) return NULL;
+    npy_intp *d = PyArray_DIMS(out);
+    if (PyArray_SIZE(out) == 0) return (PyObject *)out;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    vad_pool *pool = vad_pool_create(nthreads);
+    rc = pool ? vad_gaussian_filter(pool, (float *)PyArray_DATA(out), (int)d[0], (int)d[1], (int)d[2], sigma)
+              : vad_fail(VAD_ERR_MEMORY, "out of memory");
+    vad_pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        Py_DECREF(out);
+        return raise_status(rc);
+    }
+    return (PyObject *)out;
+}
+
+static PyObject *py_resize_bilinear(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj;
+    int Hout, Wout;
+    if (!PyArg_ParseTuple(args, "Oii", &obj, &Hout, &Wout)) return NULL;
+    PyArrayObject *in = as_float_array(obj, "grid", 3);
+    if (!in) return NULL;
+    npy_intp *d = PyArray_DIMS(in);
+    if (Hout < 1 || Wout < 1 || Hout > 1 << 14 || Wout > 1 << 14 || d[0] < 1 || d[1] < 1 || d[2] < 1) {
+        Py_DECREF(in);
+        PyErr_SetString(PyExc_ValueError, "sizes must be positive (and at most 16384)");
+        return NULL;
+    }
+    npy_intp odims[3] = {Hout, Wout, d[2]};
+    PyObject *out = new_float_array(3, odims);
+    if (out) {
+        Py_BEGIN_ALLOW_THREADS
+        vad_resize_bilinear((float *)PyArray_DATA((PyArrayObject *)out), (const float *)PyArray_DATA(in), (int)d[2],
+                            (int)d[0], (int)d[1], Hout, Wout);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(in);
+    return out;
+}
+
 /* ================================================================== module */
 
 static PyMethodDef module_methods[] = {
     {"vit_layout", py_vit_layout, METH_O,
      "vit_layout(config) -> ([(name, shape, offset), ...], total_floats): the weight buffer layout."},
+    {"head_layout", py_head_layout, METH_O,
+     "head_layout(config) -> ([(name, shape, offset), ...], total_floats): the head buffer layout."},
+    {"gaussian_filter", py_gaussian_filter, METH_VARARGS,
+     "gaussian_filter(maps (B,H,W) float32, sigma, num_threads=1) -> filtered copy (SciPy 'reflect', truncate 4)."},
+    {"resize_bilinear", py_resize_bilinear, METH_VARARGS,
+     "resize_bilinear(grid (H,W,C) float32, H_out, W_out) -> (H_out, W_out, C) (align_corners=False)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -402,12 +714,18 @@ static struct PyModuleDef engine_module = {
 
 PyMODINIT_FUNC PyInit__engine(void) {
     import_array();
-    if (PyType_Ready(&BackboneType) < 0) return NULL;
+    if (PyType_Ready(&BackboneType) < 0 || PyType_Ready(&HeadType) < 0) return NULL;
     PyObject *m = PyModule_Create(&engine_module);
     if (!m) return NULL;
     Py_INCREF(&BackboneType);
     if (PyModule_AddObject(m, "Backbone", (PyObject *)&BackboneType) < 0) {
         Py_DECREF(&BackboneType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&HeadType);
+    if (PyModule_AddObject(m, "Head", (PyObject *)&HeadType) < 0) {
+        Py_DECREF(&HeadType);
         Py_DECREF(m);
         return NULL;
     }

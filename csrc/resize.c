@@ -2,10 +2,12 @@
 
 #include <stddef.h>
 
-/* PyTorch area_pixel_compute_source_index for align_corners=False (non-cubic): clamp below 0. */
+/* PyTorch area_pixel_compute_source_index for align_corners=False (non-cubic): the float scale
+ * in/out, the source coordinate evaluated in double (int64 index + 0.5) and rounded to float,
+ * clamped below at 0. */
 static void bilinear_coeffs(int in, int out, int dst, int *i0, int *i1, float *l0, float *l1) {
     float scale = (float)in / (float)out;
-    float src = scale * ((float)dst + 0.5f) - 0.5f;
+    float src = (float)((double)scale * ((double)dst + 0.5) - 0.5);
     if (src < 0.0f) src = 0.0f;
     int i = (int)src;
     if (i > in - 1) i = in - 1;
@@ -15,7 +17,7 @@ static void bilinear_coeffs(int in, int out, int dst, int *i0, int *i1, float *l
     *l0 = 1.0f - *l1;
 }
 
-void vad_resize_bilinear(float *out, const float *in, int C, int Hin, int Win, int Hout, int Wout) {
+static void bilinear(float *out, const float *in, int C, int Hin, int Win, int Hout, int Wout, int add) {
     for (int y = 0; y < Hout; y++) {
         int y0, y1;
         float ly0, ly1;
@@ -27,8 +29,18 @@ void vad_resize_bilinear(float *out, const float *in, int C, int Hin, int Win, i
             const float *p00 = in + ((size_t)y0 * Win + x0) * C, *p01 = in + ((size_t)y0 * Win + x1) * C;
             const float *p10 = in + ((size_t)y1 * Win + x0) * C, *p11 = in + ((size_t)y1 * Win + x1) * C;
             float *o = out + ((size_t)y * Wout + x) * C;
-            for (int c = 0; c < C; c++)
-                o[c] = ly0 * (lx0 * p00[c] + lx1 * p01[c]) + ly1 * (lx0 * p10[c] + lx1 * p11[c]);
+            for (int c = 0; c < C; c++) {
+                float v = ly0 * (lx0 * p00[c] + lx1 * p01[c]) + ly1 * (lx0 * p10[c] + lx1 * p11[c]);
+                o[c] = add ? o[c] + v : v;
+            }
         }
     }
+}
+
+void vad_resize_bilinear(float *out, const float *in, int C, int Hin, int Win, int Hout, int Wout) {
+    bilinear(out, in, C, Hin, Win, Hout, Wout, 0);
+}
+
+void vad_resize_bilinear_add(float *out, const float *in, int Hin, int Win, int Hout, int Wout) {
+    bilinear(out, in, 1, Hin, Win, Hout, Wout, 1);
 }

@@ -6,4 +6,7 @@
 /* mode='bilinear', align_corners=False, antialias=False. */
 void vad_resize_bilinear(float *out, const float *in, int C, int Hin, int Win, int Hout, int Wout);
 
+/* Single-channel variant that adds the resized map into out. */
+void vad_resize_bilinear_add(float *out, const float *in, int Hin, int Win, int Hout, int Wout);
+
 #endif

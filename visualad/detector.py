@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _engine
 from .backbone import EngineBackbone, build_backbone
-from .head import default_layers, init_head, validate_head
+from .head import default_layers, head_engine_config, init_head, pack_head, validate_head
 from .preprocess import ImageSource
 from .progress import Progress
 
@@ -191,3 +191,69 @@ class Detector:
         for l in out_layers:
             out_layers[l] = np.concatenate(feats_parts[l]) if len(feats_parts[l]) > 1 else feats_parts[l][0]
         return {"layers": out_layers, "anomaly_token": np.concatenate(ta_all), "normal_token": np.concatenate(tn_all)}
+
+    # ------------------------------------------------------------------ maps and scores
+    def _head_engine(self, layers):
+        """The C head for the current head_ and layers (rebuilt when either changes)."""
+        key = (id(self.head_), getattr(self, "_head_version", 0), tuple(layers), self._threads())
+        if getattr(self, "_head_key", None) != key:
+            cfg = head_engine_config(self.head_, layers, self._backbone_.width)
+            layout, total = _engine.head_layout(cfg)
+            params = pack_head(self.head_, layers, self._backbone_.width, layout, total)
+            self._head_engine_ = _engine.Head(cfg, params, self._threads())
+            self._head_key = key
+        return self._head_engine_
+
+    def _topk(self, size: int) -> int:
+        r = float(self.topk_ratio)
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
+        return max(1, min(size * size, math.ceil(size * size * r)))
+
+    def _sigma(self) -> float:
+        s = float(self.sigma)
+        if not (math.isfinite(s) and s >= 0):
+            raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma}")
+        return s
+
+    def _run(self, X, keep_maps: bool, desc: str):
+        """Runs backbone + head batch by batch; returns (maps or None, scores)."""
+        engine = self._model()
+        size, layers = self._settings()
+        head_engine = self._head_engine(layers)
+        topk, sigma = self._topk(size), self._sigma()
+        src = self._source(X, size)
+        head = self.head_
+        tokens = np.stack([head["anomaly_token"], head["normal_token"]])
+        n = len(src)
+        maps = np.empty((n, size, size), np.float32) if keep_maps else None
+        scores = np.empty(n, np.float32)
+        with Progress(n, desc, bool(self.progress) and n > 1) as bar:
+            for start, batch in src.batches(self._batch_size()):
+                feats, ta, tn = engine.encode(batch, layers, tokens, head["ln_post_weight"], head["ln_post_bias"])
+                final, sc, _, _ = head_engine.maps(feats, ta, tn, size, sigma, topk)
+                if keep_maps:
+                    maps[start:start + len(batch)] = final
+                scores[start:start + len(batch)] = sc
+                bar.update(len(batch))
+        return maps, scores
+
+    def anomaly_maps(self, X) -> np.ndarray:
+        """Final fused, gaussian-filtered anomaly maps, float32 (N, S, S); higher = more anomalous."""
+        return self._run(X, True, "anomaly maps")[0]
+
+    def anomaly_scores(self, X) -> np.ndarray:
+        """Image scores, float32 (N,): mean of the top ceil(S*S*topk_ratio) values of each final map."""
+        return self._run(X, False, "anomaly scores")[1]
+
+    def score_samples(self, X) -> np.ndarray:
+        """``-anomaly_scores(X)`` (scikit-learn outlier convention: lower = more abnormal)."""
+        return -self.anomaly_scores(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """``score_samples(X) + threshold``: negative = anomaly."""
+        return self.score_samples(X) + np.float32(self.threshold)
+
+    def predict(self, X) -> np.ndarray:
+        """-1 for anomalies, +1 for normal images."""
+        return np.where(self.decision_function(X) < 0, -1, 1).astype(int)

@@ -141,3 +141,55 @@ def validate_head(head: dict, width: int) -> dict:
             out["cross_attn"][p + f] = _array(val, f"cross_attn.{p}{f}", shapes[f])
     out["cross_attn_config"] = dict(head.get("cross_attn_config") or {})
     return out
+
+
+def _engine_names(head: dict, layers: list[int]):
+    """(engine tensor name, getter path) pairs mapping the engine layout to the official dict."""
+    pairs = [("anomaly_token", ("anomaly_token",)), ("normal_token", ("normal_token",)),
+             ("ln_post.weight", ("ln_post_weight",)), ("ln_post.bias", ("ln_post_bias",))]
+    saf = {"saf.w1": "mlp.0.weight", "saf.b1": "mlp.0.bias", "saf.w2": "mlp.3.weight", "saf.b2": "mlp.3.bias"}
+    sca = {"sca.anchors": "anchor_queries", "sca.pos": "pos_encoding", "sca.wq": "q_proj.weight",
+           "sca.wk": "k_proj.weight", "sca.wv": "v_proj.weight", "sca.q_norm.weight": "q_norm.weight",
+           "sca.q_norm.bias": "q_norm.bias", "sca.k_norm.weight": "k_norm.weight",
+           "sca.k_norm.bias": "k_norm.bias", "sca.gate.weight": "gate.0.weight", "sca.gate.bias": "gate.0.bias",
+           "sca.out.weight": "out_proj.weight", "sca.out.bias": "out_proj.bias", "sca.res_scale": "res_scale"}
+    for i, l in enumerate(layers):
+        for ours, theirs in saf.items():
+            pairs.append((f"layers.{i}.{ours}", ("layer_transforms", f"layer_{l}", theirs)))
+        for ours, theirs in sca.items():
+            pairs.append((f"layers.{i}.{ours}", ("cross_attn", f"layer_attentions.layer_{l}.{theirs}")))
+    return pairs
+
+
+def head_engine_config(head: dict, layers: list[int], width: int) -> dict:
+    """The C head configuration for a validated head and the layers in use."""
+    has_saf = [f"layer_{l}" in head["layer_transforms"] for l in layers]
+    has_sca = [f"layer_attentions.layer_{l}.anchor_queries" in head["cross_attn"] for l in layers]
+    n_anchors, pos_rows, saf_hidden = 1, 1, 1
+    for l, s in zip(layers, has_sca):
+        if s:
+            p = f"layer_attentions.layer_{l}."
+            n_anchors = head["cross_attn"][p + "anchor_queries"].shape[0]
+            pos_rows = head["cross_attn"][p + "pos_encoding"].shape[1]
+    for l, s in zip(layers, has_saf):
+        if s:
+            saf_hidden = head["layer_transforms"][f"layer_{l}"]["mlp.0.weight"].shape[0]
+    return dict(width=int(width), n_layers=len(layers), n_anchors=int(n_anchors), pos_rows=int(pos_rows),
+                saf_hidden=int(saf_hidden), has_sca=has_sca, has_saf=has_saf)
+
+
+def pack_head(head: dict, layers: list[int], width: int, layout: list, total: int) -> np.ndarray:
+    """The head's tensors in the engine's single buffer (layout from _engine.head_layout)."""
+    params = np.empty(total, dtype=np.float32)
+    where = dict(_engine_names(head, layers))
+    for name, shape, offset in layout:
+        node = head
+        for part in where[name]:
+            node = node[part]
+        arr = np.asarray(node, dtype=np.float32).reshape(-1)
+        size = int(np.prod(shape))
+        if arr.size != size:
+            raise ValueError(f"head tensor for '{name}' has {arr.size} values, expected shape {shape} "
+                             "(all layers must share the number of anchors, SCA positions and SAF width)")
+        params[offset:offset + size] = arr
+    return params
