@@ -36,4 +36,8 @@ void vad_softmax_rows_serial(float *x, int rows, int cols, int ld, float scale);
 void vad_attention(vad_pool *pool, float *out, const float *qkv, float *scratch, int B, int T,
                    int D, int heads);
 
+/* Best wall time (seconds) of an n x n x n vad_linear over `repeats` runs with a fresh pool of
+ * nthreads: the reference peak for benchmarks. */
+int vad_sgemm_benchmark(int n, int repeats, int nthreads, double *best_seconds);
+
 #endif
