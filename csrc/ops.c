@@ -52,8 +52,10 @@ static void linear_task(void *vctx, int64_t begin, int64_t end, int tid) {
 void vad_linear(vad_pool *pool, float *out, int ldc, const float *in, int lda, const float *W,
                 const float *bias, int M, int N, int K, float beta) {
     linear_ctx c = {out, in, W, bias, ldc, lda, M, N, K, beta, 1};
-    int nt = vad_pool_size(pool);
-    c.split_rows = (M >= 64 * nt) || (M >= N);
+    /* Each worker packs the operand it does not split: splitting the output columns packs the
+     * activations once per worker, splitting the rows packs the weights once per worker. Split
+     * so that the smaller operand is the one packed twice. */
+    c.split_rows = M > N;
     int64_t units = c.split_rows ? (M + 15) / 16 : (N + 15) / 16;
     vad_parallel_for(pool, units, 1, linear_task, &c);
 }
@@ -67,18 +69,35 @@ typedef struct {
     float eps;
 } ln_ctx;
 
+/* Sums with VAD_LANES independent accumulators: vectorises without -ffast-math (a plain
+ * `s += x[i]` loop may not be reassociated, so it would stay scalar). */
+#define VAD_LANES 16
+
+static inline __attribute__((always_inline)) float lane_sum(const float *acc) {
+    float s = 0.0f;
+    for (int j = 0; j < VAD_LANES; j++) s += acc[j];
+    return s;
+}
+
 VAD_HOT static void ln_row(float *o, const float *x, const float *w, const float *b, int C, float eps) {
-    float mean = 0.0f;
-    for (int i = 0; i < C; i++) mean += x[i];
+    float acc[VAD_LANES] = {0};
+    int i = 0;
+    for (; i + VAD_LANES <= C; i += VAD_LANES)
+        for (int j = 0; j < VAD_LANES; j++) acc[j] += x[i + j];
+    float mean = lane_sum(acc);
+    for (; i < C; i++) mean += x[i];
     mean /= (float)C;
-    float var = 0.0f;
-    for (int i = 0; i < C; i++) {
-        float d = x[i] - mean;
-        var += d * d;
-    }
+    float acc2[VAD_LANES] = {0};
+    for (i = 0; i + VAD_LANES <= C; i += VAD_LANES)
+        for (int j = 0; j < VAD_LANES; j++) {
+            float d = x[i + j] - mean;
+            acc2[j] += d * d;
+        }
+    float var = lane_sum(acc2);
+    for (; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
     var /= (float)C;
     float rstd = 1.0f / sqrtf(var + eps);
-    for (int i = 0; i < C; i++) o[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    for (i = 0; i < C; i++) o[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
 static void ln_task(void *vctx, int64_t begin, int64_t end, int tid) {
@@ -164,16 +183,37 @@ void vad_residual_add(vad_pool *pool, float *x, const float *y, const float *sca
 
 /* ---------------------------------------------------------------- softmax */
 
-VAD_HOT static void softmax_row(float *x, int n, float scale) {
-    float mx = -INFINITY;
-    for (int i = 0; i < n; i++) mx = fmaxf(mx, x[i]);
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) {
-        float e = vad_expf((x[i] - mx) * scale);
-        x[i] = e;
-        sum += e;
+/* exp((x - mx) * scale) over one VAD_LANES chunk, summed into acc. */
+static inline __attribute__((always_inline)) void exp_chunk(float *x, float mx, float scale, float *acc) {
+    for (int j = 0; j < VAD_LANES; j++) {
+        float e = vad_expf((x[j] - mx) * scale);
+        x[j] = e;
+        acc[j] += e;
     }
-    float inv = 1.0f / sum;
+}
+
+VAD_HOT static void softmax_row(float *x, int n, float scale) {
+    int full = n - n % VAD_LANES, rest = n - full;
+    /* the ragged tail runs through the same vector code, padded with -inf (exp -> ~0) */
+    float tail[VAD_LANES];
+    for (int j = 0; j < VAD_LANES; j++) tail[j] = j < rest ? x[full + j] : -INFINITY;
+    float mx_lane[VAD_LANES];
+    for (int j = 0; j < VAD_LANES; j++) mx_lane[j] = tail[j];
+    for (int i = 0; i < full; i += VAD_LANES)
+        for (int j = 0; j < VAD_LANES; j++) mx_lane[j] = x[i + j] > mx_lane[j] ? x[i + j] : mx_lane[j];
+    float mx = -INFINITY;
+    for (int j = 0; j < VAD_LANES; j++) mx = mx_lane[j] > mx ? mx_lane[j] : mx;
+    float acc[VAD_LANES] = {0};
+    for (int i = 0; i < full; i += VAD_LANES) exp_chunk(x + i, mx, scale, acc);
+    if (rest) {
+        float tacc[VAD_LANES] = {0};
+        exp_chunk(tail, mx, scale, tacc);
+        for (int j = 0; j < rest; j++) {
+            x[full + j] = tail[j];
+            acc[j] += tacc[j];
+        }
+    }
+    float inv = 1.0f / lane_sum(acc);
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
