@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from hf_clip import hf_clip_to_openai, make_hf_clip
+from hf_models import hf_clip_to_openai, make_hf_clip
 import visualad
 from visualad.backbone import build_backbone
 

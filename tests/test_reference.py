@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import reference as R  # noqa: E402
+from hf_models import make_hf_dinov2  # noqa: E402
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
@@ -133,31 +134,13 @@ def test_clip_position_resize_is_spec_bilinear(g):
 # DINOv2 tower vs transformers Dinov2Model / Dinov2WithRegistersModel
 # ----------------------------------------------------------------------------------------
 
-def _hf_dinov2(st, width, depth, heads, registers=0, swiglu=False, image_size=518):
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-    kw = dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, mlp_ratio=4,
-              image_size=image_size, patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu",
-              use_swiglu_ffn=swiglu, layerscale_value=1.0, drop_path_rate=0.0)
-    torch.manual_seed(0)
-    if registers:
-        m = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
-    else:
-        m = Dinov2Model(Dinov2Config(**kw))
-    m.eval()
-    new = any(".attention.q_proj." in k for k in m.state_dict())
-    sd = R.dinov2_to_hf(st, new_names=new)
-    missing, unexpected = m.load_state_dict(sd, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    return m
-
-
 @pytest.mark.parametrize("registers,swiglu", [(0, False), (0, True), (4, False)])
 def test_dinov2_tower_matches_transformers_at_518(registers, swiglu):
     W, L, H = 128, 3, 2
     st = R.random_dinov2_state(W, L, registers=registers, swiglu=swiglu, seed=7)
     if swiglu:
         assert st["blocks.0.mlp.w12.weight"].shape[0] == 2 * R.swiglu_hidden(W)
-    m = _hf_dinov2(st, W, L, H, registers=registers, swiglu=swiglu)
+    m = make_hf_dinov2(st, W, L, H, registers=registers, swiglu=swiglu)
     x = torch.randn(1, 3, 518, 518, generator=torch.Generator().manual_seed(8))
     ours = R.dinov2_tower(st, x, range(L + 1), heads=H)
     with torch.no_grad():
@@ -189,7 +172,7 @@ def test_dinov2_registers_resize_matches_transformers_at_other_size():
     """Register models: bicubic size=g with antialias (hub rule == HF Dinov2WithRegisters)."""
     W, L, H = 64, 2, 1
     st = R.random_dinov2_state(W, L, registers=4, seed=9)
-    m = _hf_dinov2(st, W, L, H, registers=4)
+    m = make_hf_dinov2(st, W, L, H, registers=4)
     for S in (224, 658):       # downsample (antialias matters) and upsample
         x = torch.randn(1, 3, S, S, generator=torch.Generator().manual_seed(S))
         ours = R.dinov2_tower(st, x, range(L + 1), heads=H)
@@ -269,7 +252,7 @@ def test_dinov2_insert_aware_tower_matches_transformers_layers():
     """[t_a, t_n, cls, reg, patches]: t_a, t_n with the cls position, registers none."""
     W, L, H = 64, 2, 1
     st = R.random_dinov2_state(W, L, registers=4, seed=11)
-    m = _hf_dinov2(st, W, L, H, registers=4, image_size=518)
+    m = make_hf_dinov2(st, W, L, H, registers=4, image_size=518)
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(1, 3, 518, 518, generator=gen)
     ins = torch.randn(2, W, generator=gen)
