@@ -129,6 +129,13 @@ void vad_head_free(vad_head *h) {
 }
 
 const vad_head_weights *vad_head_get_weights(const vad_head *h) { return &h->w; }
+const vad_head_config *vad_head_get_config(const vad_head *h) { return &h->cfg; }
+vad_pool *vad_head_pool(vad_head *h) { return h->pool; }
+
+void vad_head_weights_at(const vad_head_config *cfg, const float *base, vad_head_weights *out) {
+    builder lb = {NULL, 0, 0, 0, base};
+    walk(cfg, &lb, out);
+}
 
 static int ensure_ws(vad_head *h, int N) {
     if (h->ws && h->ws_N == N) return VAD_OK;

@@ -39,6 +39,10 @@ typedef struct vad_head vad_head;
 vad_head *vad_head_create(const vad_head_config *cfg, const float *params, int nthreads);
 void vad_head_free(vad_head *h);
 const vad_head_weights *vad_head_get_weights(const vad_head *h);
+const vad_head_config *vad_head_get_config(const vad_head *h);
+vad_pool *vad_head_pool(vad_head *h);
+/* Named pointers into any buffer laid out like the parameters (e.g. gradients, Adam moments). */
+void vad_head_weights_at(const vad_head_config *cfg, const float *base, vad_head_weights *out);
 
 /* feats[i]: [B, N, D] patch features of layer i (N = g*g), ta/tn: [B, D] final tokens.
  * final_maps [B, S, S]: fused + filtered maps; scores [B]: top-k mean of final_maps.
