@@ -21,6 +21,10 @@ def _load_backbone(spec) -> EngineBackbone:
         return build_backbone(spec)
     if isinstance(spec, (str, os.PathLike)):
         from .checkpoint import load_backbone
+        from .savefile import is_visualad_file, read_file
+        if is_visualad_file(spec):
+            backbone, backbone_path, _, _ = read_file(spec)
+            return backbone if backbone is not None else _load_backbone(backbone_path)
         weights = load_backbone(spec)
         return build_backbone(weights.tensors, weights.family, weights.hints)
     raise TypeError(f"backbone must be a path or a dict of arrays, got {type(spec).__name__}")
@@ -191,6 +195,27 @@ class Detector:
         for l in out_layers:
             out_layers[l] = np.concatenate(feats_parts[l]) if len(feats_parts[l]) > 1 else feats_parts[l][0]
         return {"layers": out_layers, "anomaly_token": np.concatenate(ta_all), "normal_token": np.concatenate(tn_all)}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path, include_backbone: bool = True) -> None:
+        """Writes one self-describing file: backbone weights (or, with include_backbone=False, the
+        path they came from), the head, and the settings. Read it with :meth:`Detector.load`."""
+        from .savefile import save_file
+        self._model()
+        settings = {k: v for k, v in self.get_params().items() if k not in ("backbone", "head")}
+        size, layers = self._settings()
+        settings.update(image_size=size, layers=layers)
+        backbone_path = self.backbone if isinstance(self.backbone, (str, os.PathLike)) else None
+        save_file(path, self._backbone_, self.head_, settings, backbone_path, include_backbone)
+
+    @classmethod
+    def load(cls, path, **overrides) -> "Detector":
+        """A Detector from a file written by :meth:`save` (settings may be overridden)."""
+        from .savefile import read_file
+        backbone, backbone_path, head, settings = read_file(path)
+        settings = {k: v for k, v in settings.items() if k in cls._get_param_names()}
+        settings.update(overrides)
+        return cls(backbone if backbone is not None else backbone_path, head=head, **settings)
 
     # ------------------------------------------------------------------ maps and scores
     def _head_engine(self, layers):
