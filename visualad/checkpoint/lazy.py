@@ -17,9 +17,9 @@ from .dtypes import ElementType
 
 
 class Storage:
-    """A run of ``nbytes`` bytes of a checkpoint file that holds one torch storage (or, for
-    safetensors, the whole data section). ``where`` names it in error messages. The file position
-    may be attached after creation (the legacy torch format stores data after the pickle)."""
+    """A run of ``nbytes`` bytes of a checkpoint file holding one torch storage or one safetensors
+    tensor, stored in ``byteorder``. ``where`` names it in error messages. The file position may be
+    attached after creation (the legacy torch format stores data after the pickle)."""
 
     def __init__(self, nbytes: int, where: str, byteorder: str = "<"):
         self.nbytes = int(nbytes)
@@ -163,4 +163,4 @@ def to_float32(x) -> np.ndarray:
     arr = to_numpy(x)
     if arr.dtype.kind != "f":
         raise CheckpointError(f"expected a floating-point tensor, got {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return np.asarray(arr, dtype=np.float32, order="C")

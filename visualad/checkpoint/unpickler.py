@@ -19,6 +19,10 @@ from .dtypes import TORCH_DTYPES, TORCH_STORAGES, ElementType
 from .lazy import LazyTensor, Storage
 
 
+class _BadContent(Exception):
+    """A stand-in got arguments no torch pickle would give it (reported with the file's name)."""
+
+
 class TorchScriptObject:
     """An instance of a TorchScript class (``__torch__.*``, e.g. a scripted ``nn.Module``),
     kept only as the dict of its attributes."""
@@ -27,7 +31,7 @@ class TorchScriptObject:
 
     def __setstate__(self, state):
         if not isinstance(state, dict):
-            raise CheckpointError(f"TorchScript object state must be a dict, got {type(state).__name__}")
+            raise _BadContent(f"TorchScript object state must be a dict, got {type(state).__name__}")
         self.attributes = dict(state)
 
 
@@ -51,13 +55,13 @@ class TypedStorage:
 
 def _typed(storage, fn: str) -> TypedStorage:
     if not isinstance(storage, TypedStorage):
-        raise CheckpointError(f"{fn} expects a storage, got {type(storage).__name__}")
+        raise _BadContent(f"{fn} expects a storage, got {type(storage).__name__}")
     return storage
 
 
 def _no_metadata(metadata) -> None:
     if metadata:
-        raise CheckpointError(f"tensors with conjugate/negative bits are not supported ({metadata!r})")
+        raise _BadContent(f"tensors with conjugate/negative bits are not supported ({metadata!r})")
 
 
 def _rebuild_tensor(storage, offset, size, stride):
@@ -73,20 +77,20 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backw
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
     _no_metadata(metadata)
     if not isinstance(dtype, ElementType):
-        raise CheckpointError(f"_rebuild_tensor_v3 expects a dtype, got {type(dtype).__name__}")
+        raise _BadContent(f"_rebuild_tensor_v3 expects a dtype, got {type(dtype).__name__}")
     return LazyTensor(_typed(storage, "_rebuild_tensor_v3").storage, dtype, offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
     if not isinstance(data, LazyTensor):
-        raise CheckpointError(f"_rebuild_parameter expects a tensor, got {type(data).__name__}")
+        raise _BadContent(f"_rebuild_parameter expects a tensor, got {type(data).__name__}")
     return data
 
 
 def _latin1_bytes(text, encoding):
     # protocol-2 pickles write bytes objects as _codecs.encode(str, 'latin1')
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise CheckpointError(f"_codecs.encode is only allowed for latin1 text, got {encoding!r}")
+        raise _BadContent(f"_codecs.encode is only allowed for latin1 text, got {encoding!r}")
     return text.encode("latin1")
 
 
@@ -114,6 +118,7 @@ _ALLOWED = {
     ("_codecs", "encode"): _latin1_bytes,
 }
 _ALLOWED.update({("torch", name): StorageClass(et) for name, et in TORCH_STORAGES.items()})
+_ALLOWED[("torch.storage", "UntypedStorage")] = _ALLOWED[("torch", "UntypedStorage")]  # v3 tensors
 _ALLOWED.update({("torch", name): et for name, et in TORCH_DTYPES.items()})
 
 # resolve(etype, key, numel, extra) -> Storage; extra is what follows numel in the persistent id
@@ -122,7 +127,7 @@ StorageResolver = Callable[[ElementType, str, int, tuple], Storage]
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, stream: BinaryIO, where: str, resolve: StorageResolver | None):
-        super().__init__(stream)
+        super().__init__(stream, encoding="utf-8")  # str of Python 2 pickles, as torch.load
         self._where, self._resolve = where, resolve
         self._storages: dict[str, TypedStorage] = {}
 
@@ -155,9 +160,9 @@ def unpickle(stream: BinaryIO, where: str, resolve: StorageResolver | None = Non
     objects :class:`TorchScriptObject`. Every failure is a :class:`CheckpointError` naming ``where``."""
     try:
         return _RestrictedUnpickler(stream, where, resolve).load()
-    except CheckpointError as exc:
-        if str(exc).startswith(where):
-            raise
+    except CheckpointError:
+        raise
+    except _BadContent as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     except RecursionError:
         raise CheckpointError(f"{where}: pickle is nested too deeply") from None
