@@ -25,16 +25,17 @@ typedef struct {
     double auroc;  /* sklearn.metrics.roc_auc_score */
     double ap;     /* sklearn.metrics.average_precision_score */
     double f1_max; /* max of 2PR/(P+R) over the precision-recall curve points (P=R=0 skipped) */
-    int64_t n_pos, n_neg;
 } vad_binary_result;
 
-/* Needs both classes present; at most 2^32 points. Memory: about 16 bytes per point. */
+/* Needs both classes present; at most 2^32 points. Memory: 2 keys per point (8 bytes for float32
+ * scores, 16 for float64). */
 int vad_binary_metrics(const uint8_t *labels, const void *scores, int scores_f64, int64_t n,
                        vad_binary_result *out, vad_pool *pool);
 
 /* MVTec AD AUPRO; fpr_limit in (0, 1]. Needs at least one defect pixel and one normal pixel.
- * Memory: about 16 bytes per normal pixel whose score reaches the FPR-limit threshold, 24 bytes per
- * such defect pixel, plus 12 bytes per pixel of one image per thread. */
+ * Only pixels scoring at or above (about) the threshold where FPR reaches fpr_limit are sorted.
+ * Memory: 2 keys (8 bytes for float32 maps, 16 for float64) per such pixel, 8 more bytes per such
+ * defect pixel, plus 16 bytes per pixel of one image per thread. */
 int vad_aupro(const uint8_t *masks, const void *maps, int maps_f64, int64_t n_images, int64_t height,
               int64_t width, double fpr_limit, double *out, vad_pool *pool);
 

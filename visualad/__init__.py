@@ -10,6 +10,7 @@ from ._blas import preload_openblas
 preload_openblas()
 
 from . import _engine  # noqa: E402
+from . import metrics  # noqa: E402
 from .detector import Detector  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 
