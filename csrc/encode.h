@@ -16,4 +16,15 @@ int vad_encode(vad_encoder *e, const float *images, int B, int S, const float *t
                const float *ln_w, const float *ln_b, const int *layers, int n_layers,
                float *const *feats, float *ta, float *tn);
 
+/* Training forward: the same outputs as vad_encode, keeping every block's residual stream (memory
+ * (depth + 1) * B * T * D floats) for vad_encode_backward. */
+int vad_encode_train(vad_encoder *e, const float *images, int B, int S, const float *tokens,
+                     const float *ln_w, const float *ln_b, const int *layers, int n_layers,
+                     float *const *feats, float *ta, float *tn);
+
+/* Backward of the last vad_encode_train: dfeats[i] [B, N, D], dta/dtn [B, D] (gradients of the
+ * outputs) -> dtokens [2, D], dln_w, dln_b [D] (all accumulated +=). */
+int vad_encode_backward(vad_encoder *e, const float *const *dfeats, const float *dta, const float *dtn,
+                        float *dtokens, float *dln_w, float *dln_b);
+
 #endif

@@ -150,6 +150,8 @@ typedef struct {
     vad_vit *vit;
     vad_encoder *encoder;
     PyArrayObject *params; /* keeps the weight buffer alive */
+    PyObject *train_refs;  /* ln_post arrays of the last training forward (used by the backward) */
+    int train_layers, train_B, train_N;
     PyThread_type_lock lock;
 } BackboneObject;
 
@@ -157,6 +159,7 @@ static void Backbone_dealloc(BackboneObject *self) {
     vad_encoder_free(self->encoder);
     vad_vit_free(self->vit);
     Py_XDECREF(self->params);
+    Py_XDECREF(self->train_refs);
     if (self->lock) PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -305,7 +308,7 @@ static PyArrayObject *check_vector(PyObject *obj, const char *what, int D) {
     return a;
 }
 
-static PyObject *Backbone_encode(BackboneObject *self, PyObject *args, PyObject *kwds) {
+static PyObject *encode_impl(BackboneObject *self, PyObject *args, PyObject *kwds, int train) {
     static char *kwlist[] = {"images", "layers", "tokens", "ln_weight", "ln_bias", NULL};
     PyObject *images_obj, *layers_obj, *tok_obj, *lnw_obj, *lnb_obj;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO", kwlist, &images_obj, &layers_obj, &tok_obj,
@@ -350,14 +353,23 @@ static PyObject *Backbone_encode(BackboneObject *self, PyObject *args, PyObject 
     int rc;
     Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
-    rc = vad_encode(self->encoder, (const float *)PyArray_DATA(images), B, S, (const float *)PyArray_DATA(tok),
-                    (const float *)PyArray_DATA(lnw), (const float *)PyArray_DATA(lnb), layers, n_layers, ptrs,
-                    (float *)PyArray_DATA((PyArrayObject *)ta), (float *)PyArray_DATA((PyArrayObject *)tn));
+    rc = (train ? vad_encode_train : vad_encode)(
+        self->encoder, (const float *)PyArray_DATA(images), B, S, (const float *)PyArray_DATA(tok),
+        (const float *)PyArray_DATA(lnw), (const float *)PyArray_DATA(lnb), layers, n_layers, ptrs,
+        (float *)PyArray_DATA((PyArrayObject *)ta), (float *)PyArray_DATA((PyArrayObject *)tn));
     PyThread_release_lock(self->lock);
     Py_END_ALLOW_THREADS
     if (rc) {
         raise_status(rc);
         goto done;
+    }
+    if (train) {
+        Py_XDECREF(self->train_refs);
+        self->train_refs = PyTuple_Pack(2, (PyObject *)lnw, (PyObject *)lnb);
+        if (!self->train_refs) goto done;
+        self->train_layers = n_layers;
+        self->train_B = B;
+        self->train_N = g * g;
     }
     result = Py_BuildValue("(OOO)", feats, ta, tn);
 done:
@@ -371,12 +383,88 @@ done:
     return result;
 }
 
+static PyObject *Backbone_encode(BackboneObject *self, PyObject *args, PyObject *kwds) {
+    return encode_impl(self, args, kwds, 0);
+}
+
+static PyObject *Backbone_encode_train(BackboneObject *self, PyObject *args, PyObject *kwds) {
+    return encode_impl(self, args, kwds, 1);
+}
+
+static PyObject *Backbone_encode_backward(BackboneObject *self, PyObject *args) {
+    PyObject *dfeats_obj, *dta_obj, *dtn_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &dfeats_obj, &dta_obj, &dtn_obj)) return NULL;
+    if (check_ready(self)) return NULL;
+    if (!self->train_refs) {
+        PyErr_SetString(PyExc_RuntimeError, "encode_backward needs a preceding encode_train");
+        return NULL;
+    }
+    int D = vad_vit_get_config(self->vit)->width, L = self->train_layers, B = self->train_B, N = self->train_N;
+    PyObject *fast = PySequence_Fast(dfeats_obj, "dfeats must be a sequence of arrays");
+    if (!fast) return NULL;
+    PyArrayObject *dfeats[MAX_LAYERS] = {0}, *dta = NULL, *dtn = NULL;
+    PyObject *dtok = NULL, *dlnw = NULL, *dlnb = NULL, *result = NULL;
+    const float *fptr[MAX_LAYERS];
+    if (PySequence_Fast_GET_SIZE(fast) != L) {
+        PyErr_Format(PyExc_ValueError, "dfeats must hold %d layers", L);
+        goto done;
+    }
+    for (int i = 0; i < L; i++) {
+        dfeats[i] = as_float_array(PySequence_Fast_GET_ITEM(fast, i), "dfeats[i]", 3);
+        if (!dfeats[i]) goto done;
+        if (PyArray_DIM(dfeats[i], 0) != B || PyArray_DIM(dfeats[i], 1) != N || PyArray_DIM(dfeats[i], 2) != D) {
+            PyErr_Format(PyExc_ValueError, "dfeats[%d] must have shape (%d, %d, %d)", i, B, N, D);
+            goto done;
+        }
+        fptr[i] = (const float *)PyArray_DATA(dfeats[i]);
+    }
+    dta = as_float_array(dta_obj, "dta", 2);
+    dtn = dta ? as_float_array(dtn_obj, "dtn", 2) : NULL;
+    if (!dta || !dtn) goto done;
+    if (PyArray_DIM(dta, 0) != B || PyArray_DIM(dta, 1) != D || PyArray_DIM(dtn, 0) != B || PyArray_DIM(dtn, 1) != D) {
+        PyErr_Format(PyExc_ValueError, "token gradients must have shape (%d, %d)", B, D);
+        goto done;
+    }
+    npy_intp tdims[2] = {2, D}, vdims[1] = {D};
+    dtok = PyArray_ZEROS(2, tdims, NPY_FLOAT32, 0);
+    dlnw = PyArray_ZEROS(1, vdims, NPY_FLOAT32, 0);
+    dlnb = PyArray_ZEROS(1, vdims, NPY_FLOAT32, 0);
+    if (!dtok || !dlnw || !dlnb) goto done;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    rc = vad_encode_backward(self->encoder, fptr, (const float *)PyArray_DATA(dta), (const float *)PyArray_DATA(dtn),
+                             (float *)PyArray_DATA((PyArrayObject *)dtok), (float *)PyArray_DATA((PyArrayObject *)dlnw),
+                             (float *)PyArray_DATA((PyArrayObject *)dlnb));
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        raise_status(rc);
+        goto done;
+    }
+    result = PyTuple_Pack(3, dtok, dlnw, dlnb);
+done:
+    Py_DECREF(fast);
+    for (int i = 0; i < L; i++) Py_XDECREF(dfeats[i]);
+    Py_XDECREF(dta);
+    Py_XDECREF(dtn);
+    Py_XDECREF(dtok);
+    Py_XDECREF(dlnw);
+    Py_XDECREF(dlnb);
+    return result;
+}
+
 static PyMethodDef Backbone_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Backbone_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(images, layers, inserted=None) -> list of float32 (B, T, D) residual streams after the\n"
      "given 1-based blocks (0 = input of block 1). inserted: (k, D) tokens placed before cls."},
     {"encode", (PyCFunction)(void (*)(void))Backbone_encode, METH_VARARGS | METH_KEYWORDS,
      "encode(images, layers, tokens, ln_weight, ln_bias) -> (list of (B, N, D), t_a (B, D), t_n (B, D))"},
+    {"encode_train", (PyCFunction)(void (*)(void))Backbone_encode_train, METH_VARARGS | METH_KEYWORDS,
+     "encode_train(...): encode() that keeps the activations for encode_backward()."},
+    {"encode_backward", (PyCFunction)Backbone_encode_backward, METH_VARARGS,
+     "encode_backward(dfeats, d_anomaly_token, d_normal_token) -> (d tokens (2, D), d ln_weight, d ln_bias)\n"
+     "for the last encode_train() call (gradients through the frozen backbone)."},
     {NULL, NULL, 0, NULL},
 };
 

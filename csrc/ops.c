@@ -60,6 +60,39 @@ void vad_linear(vad_pool *pool, float *out, int ldc, const float *in, int lda, c
     vad_parallel_for(pool, units, 1, linear_task, &c);
 }
 
+
+/* din[M,K] = dout[M,N] . W[N,K] (the input gradient of vad_linear), partitioned like it. */
+typedef struct {
+    float *din;
+    const float *dout, *W;
+    int ldd, ldo, M, N, K;
+    float beta;
+    int split_rows;
+} linear_back_ctx;
+
+static void linear_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    linear_back_ctx *c = (linear_back_ctx *)vctx;
+    int lo = (int)begin * 16, hi = (int)end * 16;
+    if (c->split_rows) {
+        if (hi > c->M) hi = c->M;
+        if (lo < hi)
+            vad_sgemm(0, 0, hi - lo, c->K, c->N, 1.0f, c->dout + (size_t)lo * c->ldo, c->ldo, c->W, c->K, c->beta,
+                      c->din + (size_t)lo * c->ldd, c->ldd);
+    } else {
+        if (hi > c->K) hi = c->K;
+        if (lo < hi)
+            vad_sgemm(0, 0, c->M, hi - lo, c->N, 1.0f, c->dout, c->ldo, c->W + lo, c->K, c->beta, c->din + lo, c->ldd);
+    }
+}
+
+void vad_linear_backward_input(vad_pool *pool, float *din, int ldd, const float *dout, int ldo, const float *W,
+                               int M, int N, int K, float beta) {
+    linear_back_ctx c = {din, dout, W, ldd, ldo, M, N, K, beta, M > K};
+    int64_t units = c.split_rows ? (M + 15) / 16 : (K + 15) / 16;
+    vad_parallel_for(pool, units, 1, linear_back_task, &c);
+}
+
 /* ---------------------------------------------------------------- layernorm */
 
 typedef struct {
@@ -113,6 +146,76 @@ void vad_layernorm(vad_pool *pool, float *out, int ld_out, const float *in, int 
     vad_parallel_for(pool, rows, 8, ln_task, &c);
 }
 
+
+/* LayerNorm backward for rows of x (stride ld_x): dx (+=, stride ld_dx) from dout (stride ld_o);
+ * dw/db (+=, may be NULL) reduced over rows with one partial sum per worker. */
+typedef struct {
+    float *dx, *dw_part;
+    const float *dout, *x, *w;
+    int ld_dx, ld_o, ld_x, C;
+    float eps;
+} ln_back_ctx;
+
+VAD_HOT static void ln_back_row(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
+                                int C, float eps) {
+    float acc[VAD_LANES] = {0};
+    int i = 0;
+    for (; i + VAD_LANES <= C; i += VAD_LANES)
+        for (int j = 0; j < VAD_LANES; j++) acc[j] += x[i + j];
+    float mean = lane_sum(acc);
+    for (; i < C; i++) mean += x[i];
+    mean /= (float)C;
+    float var = 0.0f;
+    for (i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
+    var /= (float)C;
+    float rstd = 1.0f / sqrtf(var + eps);
+    float s1 = 0.0f, s2 = 0.0f; /* mean of dxhat and of dxhat * xhat */
+    for (i = 0; i < C; i++) {
+        float xh = (x[i] - mean) * rstd, g = dy[i] * w[i];
+        s1 += g;
+        s2 += g * xh;
+        if (dw) {
+            dw[i] += dy[i] * xh;
+            db[i] += dy[i];
+        }
+    }
+    s1 /= (float)C;
+    s2 /= (float)C;
+    for (i = 0; i < C; i++) {
+        float xh = (x[i] - mean) * rstd;
+        dx[i] += rstd * (dy[i] * w[i] - s1 - xh * s2);
+    }
+}
+
+static void ln_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    ln_back_ctx *c = (ln_back_ctx *)vctx;
+    float *dw = c->dw_part ? c->dw_part + (size_t)tid * 2 * c->C : NULL;
+    for (int64_t r = begin; r < end; r++)
+        ln_back_row(c->dx + r * c->ld_dx, dw, dw ? dw + c->C : NULL, c->dout + r * c->ld_o, c->x + r * c->ld_x, c->w,
+                    c->C, c->eps);
+}
+
+int vad_layernorm_backward(vad_pool *pool, float *dx, int ld_dx, const float *dout, int ld_o, const float *x,
+                           int ld_x, const float *w, float *dw, float *db, int rows, int C, float eps) {
+    int nt = vad_pool_size(pool);
+    float *part = NULL;
+    if (dw) {
+        part = (float *)calloc((size_t)nt * 2 * C, sizeof(float));
+        if (!part) return vad_fail(VAD_ERR_MEMORY, "out of memory in the layer-norm backward");
+    }
+    ln_back_ctx c = {dx, part, dout, x, w, ld_dx, ld_o, ld_x, C, eps};
+    vad_parallel_for(pool, rows, 8, ln_back_task, &c);
+    if (dw) {
+        for (int t = 0; t < nt; t++)
+            for (int i = 0; i < C; i++) {
+                dw[i] += part[(size_t)t * 2 * C + i];
+                db[i] += part[(size_t)t * 2 * C + C + i];
+            }
+        free(part);
+    }
+    return VAD_OK;
+}
+
 /* ---------------------------------------------------------------- activations */
 
 typedef struct {
@@ -159,6 +262,59 @@ static void swiglu_task(void *vctx, int64_t begin, int64_t end, int tid) {
 void vad_swiglu(vad_pool *pool, float *out, const float *in, int rows, int hidden) {
     act_ctx c = {out, in, NULL, VAD_ACT_SWIGLU, 0, hidden};
     vad_parallel_for(pool, rows, 8, swiglu_task, &c);
+}
+
+
+/* d[i] *= act'(f[i]) for QuickGELU / exact GELU (f: pre-activation). */
+VAD_HOT static void quick_gelu_back_span(float *d, const float *f, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float s = vad_sigmoidf(1.702f * f[i]);
+        d[i] *= s + 1.702f * f[i] * s * (1.0f - s);
+    }
+}
+VAD_HOT static void gelu_back_span(float *d, const float *f, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float x = f[i];
+        float cdf = 0.5f * (1.0f + vad_erff(x * 0.70710678118654752f));
+        float pdf = 0.39894228040143268f * vad_expf(-0.5f * x * x);
+        d[i] *= cdf + x * pdf;
+    }
+}
+
+static void act_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    act_ctx *c = (act_ctx *)vctx;
+    if (c->act == VAD_ACT_GELU)
+        gelu_back_span(c->x + begin, c->in + begin, end - begin);
+    else
+        quick_gelu_back_span(c->x + begin, c->in + begin, end - begin);
+}
+
+void vad_activation_backward(vad_pool *pool, float *d, const float *f, int64_t n, int act) {
+    act_ctx c = {d, f, NULL, act, 0, 0};
+    vad_parallel_for(pool, n, 4096, act_back_task, &c);
+}
+
+/* SwiGLU backward: f [rows, 2*hidden] (a | b), dy [rows, hidden] -> df [rows, 2*hidden]. */
+VAD_HOT static void swiglu_back_row(float *df, const float *dy, const float *f, int hidden) {
+    for (int j = 0; j < hidden; j++) {
+        float a = f[j], b = f[hidden + j], s = vad_sigmoidf(a);
+        df[j] = dy[j] * b * s * (1.0f + a * (1.0f - s));
+        df[hidden + j] = dy[j] * a * s;
+    }
+}
+
+static void swiglu_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    act_ctx *c = (act_ctx *)vctx;
+    for (int64_t r = begin; r < end; r++)
+        swiglu_back_row(c->x + r * 2 * (int64_t)c->hidden, c->scale + r * (int64_t)c->hidden,
+                        c->in + r * 2 * (int64_t)c->hidden, c->hidden);
+}
+
+void vad_swiglu_backward(vad_pool *pool, float *df, const float *dy, const float *f, int rows, int hidden) {
+    act_ctx c = {df, f, dy, VAD_ACT_SWIGLU, 0, hidden};
+    vad_parallel_for(pool, rows, 8, swiglu_back_task, &c);
 }
 
 /* ---------------------------------------------------------------- residual */
@@ -249,6 +405,53 @@ void vad_attention(vad_pool *pool, float *out, const float *qkv, float *scratch,
                    int D, int heads) {
     attn_ctx c = {out, qkv, scratch, T, D, heads};
     vad_parallel_for(pool, (int64_t)B * heads, 1, attention_task, &c);
+}
+
+
+/* Attention backward: recomputes each head's probabilities P from qkv, then
+ * dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(P dP)), dQ = s dS K, dK = s dS^T Q.
+ * dout [B, T, D]; dqkv [B, T, 3D] written. scratch: pool_size * 2 * T * T floats. */
+typedef struct {
+    float *dqkv, *scratch;
+    const float *dout, *qkv;
+    int T, D, heads;
+} attn_back_ctx;
+
+VAD_HOT static void softmax_grad_row(float *ds, const float *p, int n) {
+    float acc[VAD_LANES] = {0};
+    int i = 0;
+    for (; i + VAD_LANES <= n; i += VAD_LANES)
+        for (int j = 0; j < VAD_LANES; j++) acc[j] += p[i + j] * ds[i + j];
+    float dot = lane_sum(acc);
+    for (; i < n; i++) dot += p[i] * ds[i];
+    for (i = 0; i < n; i++) ds[i] = p[i] * (ds[i] - dot);
+}
+
+static void attention_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    attn_back_ctx *c = (attn_back_ctx *)vctx;
+    int T = c->T, D = c->D, dh = D / c->heads;
+    float scale = 1.0f / sqrtf((float)dh);
+    float *P = c->scratch + (size_t)tid * 2 * T * T, *dS = P + (size_t)T * T;
+    for (int64_t job = begin; job < end; job++) {
+        int b = (int)(job / c->heads), h = (int)(job % c->heads);
+        const float *base = c->qkv + (size_t)b * T * 3 * D;
+        const float *Q = base + h * dh, *K = base + D + h * dh, *V = base + 2 * D + h * dh;
+        const float *dO = c->dout + (size_t)b * T * D + h * dh;
+        float *dbase = c->dqkv + (size_t)b * T * 3 * D;
+        vad_sgemm(0, 1, T, T, dh, 1.0f, Q, 3 * D, K, 3 * D, 0.0f, P, T);
+        vad_softmax_rows_serial(P, T, T, T, scale);
+        vad_sgemm(1, 0, T, dh, T, 1.0f, P, T, dO, D, 0.0f, dbase + 2 * D + h * dh, 3 * D);
+        vad_sgemm(0, 1, T, T, dh, 1.0f, dO, D, V, 3 * D, 0.0f, dS, T);
+        for (int r = 0; r < T; r++) softmax_grad_row(dS + (size_t)r * T, P + (size_t)r * T, T);
+        vad_sgemm(0, 0, T, dh, T, scale, dS, T, K, 3 * D, 0.0f, dbase + h * dh, 3 * D);
+        vad_sgemm(1, 0, T, dh, T, scale, dS, T, Q, 3 * D, 0.0f, dbase + D + h * dh, 3 * D);
+    }
+}
+
+void vad_attention_backward(vad_pool *pool, float *dqkv, const float *dout, const float *qkv, float *scratch,
+                            int B, int T, int D, int heads) {
+    attn_back_ctx c = {dqkv, scratch, dout, qkv, T, D, heads};
+    vad_parallel_for(pool, (int64_t)B * heads, 1, attention_back_task, &c);
 }
 
 /* ---------------------------------------------------------------- benchmark probe */

@@ -14,15 +14,29 @@ enum vad_activation { VAD_ACT_QUICK_GELU = 0, VAD_ACT_GELU = 1, VAD_ACT_SWIGLU =
 void vad_linear(vad_pool *pool, float *out, int ldc, const float *in, int lda, const float *W,
                 const float *bias, int M, int N, int K, float beta);
 
+/* din[M,K] = dout[M,N] . W[N,K] (+ beta*din): the input gradient of vad_linear. */
+void vad_linear_backward_input(vad_pool *pool, float *din, int ldd, const float *dout, int ldo, const float *W,
+                               int M, int N, int K, float beta);
+
 /* LayerNorm over the last dim (biased variance). out may alias in. Rows have stride ld. */
 void vad_layernorm(vad_pool *pool, float *out, int ld_out, const float *in, int ld_in,
                    const float *w, const float *b, int rows, int C, float eps);
 
+/* LayerNorm backward (recomputes the statistics from x): dx += ..., dw/db += ... (NULL to skip). */
+int vad_layernorm_backward(vad_pool *pool, float *dx, int ld_dx, const float *dout, int ld_o, const float *x,
+                           int ld_x, const float *w, float *dw, float *db, int rows, int C, float eps);
+
 /* x[i] = act(x[i]) over n elements (QuickGELU or exact GELU). */
 void vad_activation_inplace(vad_pool *pool, float *x, int64_t n, int act);
 
+/* d[i] *= act'(f[i]) (f: the pre-activation values). */
+void vad_activation_backward(vad_pool *pool, float *d, const float *f, int64_t n, int act);
+
 /* SwiGLU: out[r, j] = silu(in[r, j]) * in[r, hidden + j], in has 2*hidden columns. */
 void vad_swiglu(vad_pool *pool, float *out, const float *in, int rows, int hidden);
+
+/* df [rows, 2*hidden] from dy [rows, hidden] and the pre-activation f [rows, 2*hidden]. */
+void vad_swiglu_backward(vad_pool *pool, float *df, const float *dy, const float *f, int rows, int hidden);
 
 /* x[r,:] += scale[:] (elementwise, may be NULL) * y[r,:] */
 void vad_residual_add(vad_pool *pool, float *x, const float *y, const float *scale, int rows, int C);
@@ -35,6 +49,11 @@ void vad_softmax_rows_serial(float *x, int rows, int cols, int ld, float scale);
  * hold pool_size * T * T floats). */
 void vad_attention(vad_pool *pool, float *out, const float *qkv, float *scratch, int B, int T,
                    int D, int heads);
+
+/* Backward of vad_attention: dqkv [B, T, 3D] from dout [B, T, D] (probabilities recomputed).
+ * scratch: pool_size * 2 * T * T floats. */
+void vad_attention_backward(vad_pool *pool, float *dqkv, const float *dout, const float *qkv, float *scratch,
+                            int B, int T, int D, int heads);
 
 /* Best wall time (seconds) of an n x n x n vad_linear over `repeats` runs with a fresh pool of
  * nthreads: the reference peak for benchmarks. */

@@ -8,20 +8,9 @@
 #include "errors.h"
 #include "ops.h"
 #include "posembed.h"
+#include "vit_internal.h"
 
-struct vad_vit {
-    vad_vit_config cfg;
-    const float *params;
-    vad_vit_weights w;
-    vad_pool *pool;
-    /* patch positions resized to the current grid */
-    int pos_grid;
-    float *pos_patch;
-    /* workspace for the current (B, T) */
-    int ws_B, ws_S, ws_T;
-    float *ws;
-    float *x, *h, *qkv, *mlp, *mlp2, *scratch, *cols;
-};
+
 
 /* ------------------------------------------------------------------ layout */
 
@@ -149,6 +138,7 @@ void vad_vit_free(vad_vit *m) {
     free(m->w.blocks);
     free(m->pos_patch);
     free(m->ws);
+    free(m->tws);
     free(m);
 }
 
@@ -163,20 +153,20 @@ int vad_vit_seq_len(const vad_vit *m, int S, int n_inserted) {
 
 /* ------------------------------------------------------------------ workspace */
 
-static int ensure_workspace(vad_vit *m, int B, int S, int T) {
+int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T) {
     if (m->ws && m->ws_B == B && m->ws_S == S && m->ws_T == T) return VAD_OK;
     free(m->ws);
     m->ws = NULL;
     const vad_vit_config *c = &m->cfg;
     size_t D = (size_t)c->width, BT = (size_t)B * T, g = (size_t)(S / c->patch);
     size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * (size_t)c->mlp_hidden : (size_t)c->mlp_hidden;
-    size_t n_x = BT * D, n_h = BT * D, n_qkv = BT * 3 * D, n_mlp = BT * fc1_out;
+    size_t n_x = BT * D, n_h = BT * D, n_proj = BT * D, n_qkv = BT * 3 * D, n_mlp = BT * fc1_out;
     size_t n_mlp2 = c->activation == VAD_ACT_SWIGLU ? BT * (size_t)c->mlp_hidden : 0;
     size_t n_scr = (size_t)vad_pool_size(m->pool) * T * T;
     size_t n_cols = (size_t)B * g * g * 3 * c->patch * c->patch;
     /* the im2col buffer is only live before the first block: share it with the MLP buffer */
     size_t n_shared = n_mlp > n_cols ? n_mlp : n_cols;
-    size_t total = n_x + n_h + n_qkv + n_shared + n_mlp2 + n_scr;
+    size_t total = n_x + n_h + n_proj + n_qkv + n_shared + n_mlp2 + n_scr;
     m->ws = (float *)malloc(total * sizeof(float));
     if (!m->ws) {
         m->ws_B = 0;
@@ -186,6 +176,7 @@ static int ensure_workspace(vad_vit *m, int B, int S, int T) {
     float *p = m->ws;
     m->x = p; p += n_x;
     m->h = p; p += n_h;
+    m->proj = p; p += n_proj;
     m->qkv = p; p += n_qkv;
     m->mlp = p; m->cols = p; p += n_shared;
     m->mlp2 = n_mlp2 ? p : NULL; p += n_mlp2;
@@ -196,7 +187,7 @@ static int ensure_workspace(vad_vit *m, int B, int S, int T) {
     return VAD_OK;
 }
 
-static int ensure_positions(vad_vit *m, int g) {
+int vad_vit_ensure_positions(vad_vit *m, int g) {
     if (m->pos_patch && m->pos_grid == g) return VAD_OK;
     free(m->pos_patch);
     const vad_vit_config *c = &m->cfg;
@@ -267,24 +258,34 @@ static void embed_task(void *vctx, int64_t begin, int64_t end, int tid) {
     }
 }
 
-static void block_forward(vad_vit *m, const vad_block_weights *bw, int B, int T) {
+void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int B, int T) {
     const vad_vit_config *c = &m->cfg;
-    int D = c->width, BT = B * T, Hm = c->mlp_hidden;
-    int fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * Hm : Hm;
+    int D = c->width, BT = B * T;
     vad_pool *pool = m->pool;
-    /* attention */
-    vad_layernorm(pool, m->h, D, m->x, D, bw->ln1_w, bw->ln1_b, BT, D, c->ln_eps);
+    vad_layernorm(pool, m->h, D, x, D, bw->ln1_w, bw->ln1_b, BT, D, c->ln_eps);
     vad_linear(pool, m->qkv, 3 * D, m->h, D, bw->qkv_w, bw->qkv_b, BT, 3 * D, D, 0.0f);
     vad_attention(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads);
     if (bw->ls1) {
-        vad_linear(pool, m->qkv, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 0.0f);
-        vad_residual_add(pool, m->x, m->qkv, bw->ls1, BT, D);
+        vad_linear(pool, m->proj, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 0.0f);
+        vad_residual_add(pool, x, m->proj, bw->ls1, BT, D);
     } else {
-        vad_linear(pool, m->x, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 1.0f);
+        vad_linear(pool, x, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 1.0f);
     }
-    /* MLP */
-    vad_layernorm(pool, m->h, D, m->x, D, bw->ln2_w, bw->ln2_b, BT, D, c->ln_eps);
-    vad_linear(pool, m->mlp, fc1_out, m->h, D, bw->fc1_w, bw->fc1_b, BT, fc1_out, D, 0.0f);
+}
+
+void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, float *f, int B, int T) {
+    const vad_vit_config *c = &m->cfg;
+    int D = c->width, BT = B * T;
+    int fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * c->mlp_hidden : c->mlp_hidden;
+    vad_layernorm(m->pool, m->h, D, x, D, bw->ln2_w, bw->ln2_b, BT, D, c->ln_eps);
+    vad_linear(m->pool, f, fc1_out, m->h, D, bw->fc1_w, bw->fc1_b, BT, fc1_out, D, 0.0f);
+}
+
+static void mlp_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int B, int T) {
+    const vad_vit_config *c = &m->cfg;
+    int D = c->width, BT = B * T, Hm = c->mlp_hidden;
+    vad_pool *pool = m->pool;
+    vad_vit_mlp_in(m, bw, x, m->mlp, B, T);
     const float *hidden = m->mlp;
     if (c->activation == VAD_ACT_SWIGLU) {
         vad_swiglu(pool, m->mlp2, m->mlp, BT, Hm);
@@ -294,9 +295,9 @@ static void block_forward(vad_vit *m, const vad_block_weights *bw, int B, int T)
     }
     if (bw->ls2) {
         vad_linear(pool, m->h, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 0.0f);
-        vad_residual_add(pool, m->x, m->h, bw->ls2, BT, D);
+        vad_residual_add(pool, x, m->h, bw->ls2, BT, D);
     } else {
-        vad_linear(pool, m->x, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 1.0f);
+        vad_linear(pool, x, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 1.0f);
     }
 }
 
@@ -314,9 +315,9 @@ int vad_vit_forward(vad_vit *m, const float *images, int B, int S, const float *
             return vad_fail(VAD_ERR_VALUE, "layer %d is outside 0..%d", layers[i], c->depth);
     int g = S / c->patch, N = g * g, D = c->width, P = c->patch;
     int T = vad_vit_seq_len(m, S, n_inserted);
-    int rc = ensure_workspace(m, B, S, T);
+    int rc = vad_vit_ensure_workspace(m, B, S, T);
     if (rc) return rc;
-    if ((rc = ensure_positions(m, g))) return rc;
+    if ((rc = vad_vit_ensure_positions(m, g))) return rc;
     vad_pool *pool = m->pool;
 
     /* patch embedding: im2col + GEMM into h (as [B*N, D]) */
@@ -331,7 +332,10 @@ int vad_vit_forward(vad_vit *m, const float *images, int B, int S, const float *
 
     size_t state = (size_t)B * T * D * sizeof(float);
     for (int l = 0; l <= c->depth; l++) {
-        if (l > 0) block_forward(m, &m->w.blocks[l - 1], B, T);
+        if (l > 0) {
+            vad_vit_attention_sublayer(m, &m->w.blocks[l - 1], m->x, B, T);
+            mlp_sublayer(m, &m->w.blocks[l - 1], m->x, B, T);
+        }
         for (int i = 0; i < n_layers; i++)
             if (layers[i] == l) memcpy(layer_out[i], m->x, state);
     }

@@ -69,6 +69,14 @@ int vad_vit_forward(vad_vit *m, const float *images, int B, int S, const float *
                     int n_inserted, const int *layers, int n_layers, float *const *layer_out,
                     float *final_out);
 
+/* Backward to the inserted tokens through every block (input gradients only).
+ * states: [(depth+1), B, T, D] from vad_vit_forward with layers 0..depth (in that order).
+ * dstate: [B, T, D], dL/dx_depth on entry; used as work space. inject (may be NULL): inject[l]
+ * (NULL or [B, T, D]) is dL/dx_l coming from outside the tower, for l < depth (fold the final
+ * layer's into dstate). dinserted: [n_inserted, D], accumulated (+=). */
+int vad_vit_backward_inserted(vad_vit *m, const float *states, int B, int S, const float *inserted,
+                              int n_inserted, float *dstate, const float *const *inject, float *dinserted);
+
 /* Number of sequence positions for a given input side. */
 int vad_vit_seq_len(const vad_vit *m, int S, int n_inserted);
 

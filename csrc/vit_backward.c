@@ -1,0 +1,111 @@
+/* Input-gradient backward through the frozen ViT down to the inserted tokens (no weight
+ * gradients). Activation memory is bounded by recomputation: only the residual stream between
+ * blocks is kept (from vad_vit_forward with layers 0..depth); each block's internals are
+ * recomputed from its input when the backward reaches it. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "errors.h"
+#include "ops.h"
+#include "vit_internal.h"
+
+static int ensure_train_workspace(vad_vit *m, int B, int T) {
+    if (m->tws && m->tws_B == B && m->tws_T == T) return VAD_OK;
+    free(m->tws);
+    const vad_vit_config *c = &m->cfg;
+    size_t D = (size_t)c->width, BT = (size_t)B * T, Hm = (size_t)c->mlp_hidden;
+    size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * Hm : Hm;
+    size_t n_scr = (size_t)vad_pool_size(m->pool) * 2 * T * T;
+    size_t total = 4 * BT * D + 3 * BT * D + BT * fc1_out + BT * Hm + n_scr;
+    m->tws = (float *)malloc(total * sizeof(float));
+    if (!m->tws) {
+        m->tws_B = 0;
+        return vad_fail(VAD_ERR_MEMORY, "out of memory: the backward workspace needs %.1f MB", (double)total * 4 / 1e6);
+    }
+    float *p = m->tws;
+    m->x1 = p; p += BT * D;
+    m->dx1 = p; p += BT * D;
+    m->dtmp = p; p += BT * D;
+    m->dqkv = p; p += 3 * BT * D;
+    m->f = p; p += BT * fc1_out;
+    m->dg = p; p += BT * Hm;
+    m->scratch2 = p;
+    m->tws_B = B;
+    m->tws_T = T;
+    return VAD_OK;
+}
+
+/* dy [B*T, D] holds dL/d(block output) on entry and dL/d(block input) on exit. */
+static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *x_in, float *dy, int B, int T) {
+    const vad_vit_config *c = &m->cfg;
+    int D = c->width, BT = B * T, Hm = c->mlp_hidden;
+    int swiglu = c->activation == VAD_ACT_SWIGLU, fc1_out = swiglu ? 2 * Hm : Hm;
+    vad_pool *pool = m->pool;
+    int rc;
+    /* recompute: x1 = x + attention part, qkv, and the MLP pre-activation f */
+    memcpy(m->x1, x_in, (size_t)BT * D * sizeof(float));
+    vad_vit_attention_sublayer(m, bw, m->x1, B, T);
+    vad_vit_mlp_in(m, bw, m->x1, m->f, B, T);
+    /* MLP branch */
+    const float *dm = dy;
+    if (bw->ls2) {
+        for (size_t i = 0; i < (size_t)BT * D; i++) m->dtmp[i] = dy[i] * bw->ls2[i % D];
+        dm = m->dtmp;
+    }
+    vad_linear_backward_input(pool, m->dg, Hm, dm, D, bw->fc2_w, BT, D, Hm, 0.0f);
+    float *df = m->dg;
+    if (swiglu) {
+        df = m->mlp; /* forward MLP buffer is free here and holds [BT, 2Hm] */
+        vad_swiglu_backward(pool, df, m->dg, m->f, BT, Hm);
+    } else {
+        vad_activation_backward(pool, m->dg, m->f, (int64_t)BT * Hm, c->activation);
+    }
+    vad_linear_backward_input(pool, m->dtmp, D, df, fc1_out, bw->fc1_w, BT, fc1_out, D, 0.0f);
+    memcpy(m->dx1, dy, (size_t)BT * D * sizeof(float));
+    if ((rc = vad_layernorm_backward(pool, m->dx1, D, m->dtmp, D, m->x1, D, bw->ln2_w, NULL, NULL, BT, D, c->ln_eps)))
+        return rc;
+    /* attention branch */
+    const float *da = m->dx1;
+    if (bw->ls1) {
+        for (size_t i = 0; i < (size_t)BT * D; i++) m->dtmp[i] = m->dx1[i] * bw->ls1[i % D];
+        da = m->dtmp;
+    }
+    vad_linear_backward_input(pool, m->h, D, da, D, bw->proj_w, BT, D, D, 0.0f);
+    vad_attention_backward(pool, m->dqkv, m->h, m->qkv, m->scratch2, B, T, D, c->heads);
+    vad_linear_backward_input(pool, m->dtmp, D, m->dqkv, 3 * D, bw->qkv_w, BT, 3 * D, D, 0.0f);
+    memcpy(dy, m->dx1, (size_t)BT * D * sizeof(float));
+    return vad_layernorm_backward(pool, dy, D, m->dtmp, D, x_in, D, bw->ln1_w, NULL, NULL, BT, D, c->ln_eps);
+}
+
+int vad_vit_backward_inserted(vad_vit *m, const float *states, int B, int S, const float *inserted,
+                              int n_inserted, float *dstate, const float *const *inject, float *dinserted) {
+    const vad_vit_config *c = &m->cfg;
+    if (n_inserted < 1 || !inserted) return vad_fail(VAD_ERR_VALUE, "the backward needs inserted tokens");
+    if (S <= 0 || S % c->patch) return vad_fail(VAD_ERR_VALUE, "image side %d is not divisible by %d", S, c->patch);
+    int D = c->width, T = vad_vit_seq_len(m, S, n_inserted);
+    size_t state = (size_t)B * T * D;
+    int rc = vad_vit_ensure_workspace(m, B, S, T);
+    if (rc || (rc = ensure_train_workspace(m, B, T))) return rc;
+    for (int l = c->depth; l >= 1; l--) {
+        if ((rc = block_backward(m, &m->w.blocks[l - 1], states + (size_t)(l - 1) * state, dstate, B, T))) return rc;
+        if (inject && inject[l - 1])
+            for (size_t i = 0; i < state; i++) dstate[i] += inject[l - 1][i];
+    }
+    /* x_0 = ln_pre(e) (CLIP) or e (DINOv2); e_i = inserted_i + class position, the same for every
+     * image, so the batch sum of dx_0 can go through one LayerNorm backward per token. */
+    float *sum = m->dtmp, *e = m->dtmp + D;
+    for (int i = 0; i < n_inserted; i++) {
+        memset(sum, 0, (size_t)D * sizeof(float));
+        for (int b = 0; b < B; b++)
+            for (int k = 0; k < D; k++) sum[k] += dstate[((size_t)b * T + i) * D + k];
+        float *dst = dinserted + (size_t)i * D;
+        if (c->ln_pre) {
+            for (int k = 0; k < D; k++) e[k] = inserted[(size_t)i * D + k] + m->w.pos[k];
+            if ((rc = vad_layernorm_backward(NULL, dst, D, sum, D, e, D, m->w.ln_pre_w, NULL, NULL, 1, D, c->ln_eps)))
+                return rc;
+        } else {
+            for (int k = 0; k < D; k++) dst[k] += sum[k];
+        }
+    }
+    return VAD_OK;
+}
