@@ -706,10 +706,18 @@ done:
     return result;
 }
 
+static PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *kwds); /* head training */
+
 static PyMethodDef Head_methods[] = {
     {"maps", (PyCFunction)(void (*)(void))Head_maps, METH_VARARGS | METH_KEYWORDS,
      "maps(feats, anomaly_token, normal_token, image_size, sigma, topk, layer_maps=False, tokens=False)\n"
      "-> (final (B,S,S), scores (B,), layer maps (L,B,S,S) or None, SCA tokens (L,2,B,D) or None)"},
+    {"loss_and_grad", (PyCFunction)(void (*)(void))Head_loss_and_grad, METH_VARARGS | METH_KEYWORDS,
+     "loss_and_grad(feats, anomaly_token, normal_token, image_size, labels, masks, has_mask, topk, dropout=0.0,\n"
+     "seed=0, grad=None) -> ({'cls', 'seg', 'contrastive', 'total'}, grad (head layout, accumulated into\n"
+     "`grad` when given: SAF/SCA entries only), dfeats [(B,N,D)] per layer, d anomaly_token (B,D),\n"
+     "d normal_token (B,D)). masks (B,S,S) or None (all normal); has_mask (B,) or None (all 1): images\n"
+     "with has_mask 0 skip the segmentation loss. See csrc/head_train.h."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -928,6 +936,311 @@ static PyObject *py_aupro_anomalyclip(PyObject *self, PyObject *args) {
 
 /* ====== metrics (end) */
 
+/* ====== head training (begin) */
+/* Head.loss_and_grad (SPEC §3 losses and the head's gradients, csrc/head_train.h), AdamW and
+ * gradient-norm clipping (csrc/adamw.h), and the dropout mask (for tests). */
+#include "adamw.h"
+#include "head_train.h"
+
+/* Head inputs: feats (L arrays (B, N, D), square N), anomaly/normal tokens (B, D). On success the
+ * arrays are new references the caller releases (feats[0..L), *ta, *tn). */
+static int train_inputs(const vad_head_config *c, PyObject *feats_obj, PyObject *ta_obj, PyObject *tn_obj,
+                        PyArrayObject **feats, const float **fptr, PyArrayObject **ta, PyArrayObject **tn, int *B,
+                        int *N) {
+    int D = c->width, L = c->n_layers;
+    PyObject *fast = PySequence_Fast(feats_obj, "feats must be a sequence of arrays");
+    if (!fast) return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != L) {
+        PyErr_Format(PyExc_ValueError, "feats must hold %d layers", L);
+        goto fail;
+    }
+    for (int i = 0; i < L; i++) {
+        feats[i] = as_float_array(PySequence_Fast_GET_ITEM(fast, i), "feats[i]", 3);
+        if (!feats[i]) goto fail;
+        npy_intp *d = PyArray_DIMS(feats[i]);
+        if (i == 0) {
+            *B = (int)d[0];
+            *N = (int)d[1];
+        }
+        if (d[0] != *B || d[1] != *N || d[2] != D || d[0] < 1 || d[1] < 1) {
+            PyErr_Format(PyExc_ValueError, "feats[%d] must have shape (%d, %d, %d)", i, *B, *N, D);
+            goto fail;
+        }
+        fptr[i] = (const float *)PyArray_DATA(feats[i]);
+    }
+    *ta = as_float_array(ta_obj, "anomaly_token", 2);
+    *tn = *ta ? as_float_array(tn_obj, "normal_token", 2) : NULL;
+    if (!*ta || !*tn) goto fail;
+    if (PyArray_DIM(*ta, 0) != *B || PyArray_DIM(*ta, 1) != D || PyArray_DIM(*tn, 0) != *B ||
+        PyArray_DIM(*tn, 1) != D) {
+        PyErr_Format(PyExc_ValueError, "tokens must have shape (%d, %d)", *B, D);
+        goto fail;
+    }
+    Py_DECREF(fast);
+    return 0;
+fail:
+    Py_DECREF(fast);
+    for (int i = 0; i < L; i++) Py_CLEAR(feats[i]);
+    Py_CLEAR(*ta);
+    Py_CLEAR(*tn);
+    return -1;
+}
+
+/* obj converted (any numeric dtype) to a C-contiguous array of `type` with the given number of
+ * elements along each of its nd dims. New reference. */
+static PyArrayObject *train_array(PyObject *obj, const char *what, int type, int nd, const npy_intp *dims) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(obj, type, nd, nd, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!a) return NULL;
+    for (int k = 0; k < nd; k++)
+        if (PyArray_DIM(a, k) != dims[k]) {
+            PyErr_Format(PyExc_ValueError, "%s has the wrong shape (dimension %d is %zd, expected %zd)", what, k,
+                         (Py_ssize_t)PyArray_DIM(a, k), (Py_ssize_t)dims[k]);
+            Py_DECREF(a);
+            return NULL;
+        }
+    if (type == NPY_FLOAT32 && !all_finite((const float *)PyArray_DATA(a), (size_t)PyArray_SIZE(a))) {
+        PyErr_Format(PyExc_ValueError, "%s contains NaN or Inf values", what);
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+/* A 1-D float32 C-contiguous array the engine may update in place (no copy is made). */
+static int inplace_vector(PyObject *obj, const char *what) {
+    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
+        PyArray_NDIM((PyArrayObject *)obj) != 1 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) ||
+        !PyArray_ISWRITEABLE((PyArrayObject *)obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a writeable 1-D C-contiguous float32 numpy array", what);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"feats", "anomaly_token", "normal_token", "image_size", "labels", "masks",
+                             "has_mask", "topk", "dropout", "seed", "grad", NULL};
+    PyObject *feats_obj, *ta_obj, *tn_obj, *labels_obj, *masks_obj, *has_obj, *grad_obj = Py_None;
+    int S, topk;
+    double dropout = 0.0;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiOOOi|dKO", kwlist, &feats_obj, &ta_obj, &tn_obj, &S,
+                                     &labels_obj, &masks_obj, &has_obj, &topk, &dropout, &seed, &grad_obj))
+        return NULL;
+    if (!self->head) {
+        PyErr_SetString(PyExc_RuntimeError, "Head is not initialised");
+        return NULL;
+    }
+    const vad_head_config *c = &self->cfg;
+    int D = c->width, L = c->n_layers, B = 0, N = 0;
+    if (S < 1 || S > 1 << 14) {
+        PyErr_Format(PyExc_ValueError, "image_size %d is out of range", S);
+        return NULL;
+    }
+    if (!(dropout >= 0.0 && dropout < 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "dropout must be in [0, 1)");
+        return NULL;
+    }
+    PyArrayObject *feats[VAD_HEAD_MAX_LAYERS] = {0}, *ta = NULL, *tn = NULL, *labels = NULL, *masks = NULL,
+                  *has = NULL;
+    PyObject *grad = NULL, *dfeats = NULL, *dta = NULL, *dtn = NULL, *result = NULL;
+    const float *fptr[VAD_HEAD_MAX_LAYERS];
+    float *dptr[VAD_HEAD_MAX_LAYERS];
+    if (train_inputs(c, feats_obj, ta_obj, tn_obj, feats, fptr, &ta, &tn, &B, &N)) return NULL;
+    int g = (int)lround(sqrt((double)N));
+    if (g * g != N) {
+        PyErr_Format(PyExc_ValueError, "feats hold %d patches: expected a square grid", N);
+        goto done;
+    }
+    if (topk < 1 || (int64_t)topk > (int64_t)S * S) {
+        PyErr_Format(PyExc_ValueError, "topk %d is outside 1..%d", topk, S * S);
+        goto done;
+    }
+    npy_intp bdim[1] = {B}, mdims[3] = {B, S, S};
+    if (!(labels = train_array(labels_obj, "labels", NPY_FLOAT32, 1, bdim))) goto done;
+    if (masks_obj != Py_None && !(masks = train_array(masks_obj, "masks", NPY_FLOAT32, 3, mdims))) goto done;
+    if (has_obj != Py_None && !(has = train_array(has_obj, "has_mask", NPY_UINT8, 1, bdim))) goto done;
+    size_t total = 0;
+    vad_head_layout(c, NULL, 0, &total);
+    if (grad_obj == Py_None) {
+        npy_intp gdim[1] = {(npy_intp)total};
+        grad = PyArray_ZEROS(1, gdim, NPY_FLOAT32, 0);
+        if (!grad) goto done;
+    } else {
+        if (inplace_vector(grad_obj, "grad")) goto done;
+        if ((size_t)PyArray_SIZE((PyArrayObject *)grad_obj) != total) {
+            PyErr_Format(PyExc_ValueError, "grad must hold %zu floats (the head layout)", total);
+            goto done;
+        }
+        grad = grad_obj;
+        Py_INCREF(grad);
+    }
+    npy_intp fdims[3] = {B, N, D}, tdims[2] = {B, D};
+    if (!(dfeats = PyList_New(L))) goto done;
+    for (int i = 0; i < L; i++) {
+        PyObject *a = new_float_array(3, fdims);
+        if (!a) goto done;
+        PyList_SET_ITEM(dfeats, i, a);
+        dptr[i] = (float *)PyArray_DATA((PyArrayObject *)a);
+    }
+    if (!(dta = new_float_array(2, tdims)) || !(dtn = new_float_array(2, tdims))) goto done;
+    double losses[4] = {0, 0, 0, 0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    rc = vad_head_loss_and_grad(self->head, fptr, (const float *)PyArray_DATA(ta), (const float *)PyArray_DATA(tn),
+                                B, g, S, (const float *)PyArray_DATA(labels),
+                                masks ? (const float *)PyArray_DATA(masks) : NULL,
+                                has ? (const unsigned char *)PyArray_DATA(has) : NULL, topk, (float)dropout,
+                                (uint64_t)seed, losses, (float *)PyArray_DATA((PyArrayObject *)grad), dptr,
+                                (float *)PyArray_DATA((PyArrayObject *)dta),
+                                (float *)PyArray_DATA((PyArrayObject *)dtn));
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        raise_status(rc);
+        goto done;
+    }
+    result = Py_BuildValue("({s:d,s:d,s:d,s:d}OOOO)", "cls", losses[0], "seg", losses[1], "contrastive", losses[2],
+                           "total", losses[3], grad, dfeats, dta, dtn);
+done:
+    for (int i = 0; i < L; i++) Py_XDECREF(feats[i]);
+    Py_XDECREF(ta);
+    Py_XDECREF(tn);
+    Py_XDECREF(labels);
+    Py_XDECREF(masks);
+    Py_XDECREF(has);
+    Py_XDECREF(grad);
+    Py_XDECREF(dfeats);
+    Py_XDECREF(dta);
+    Py_XDECREF(dtn);
+    return result;
+}
+
+static PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"params", "grads", "exp_avg", "exp_avg_sq", "segments", "step", "beta1", "beta2",
+                             "eps", "num_threads", NULL};
+    PyObject *p_obj, *g_obj, *m_obj, *v_obj, *seg_obj;
+    int step, nthreads = 1;
+    vad_adamw_params hp = vad_adamw_default_params();
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOi|dddi", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &seg_obj,
+                                     &step, &hp.beta1, &hp.beta2, &hp.eps, &nthreads))
+        return NULL;
+    if (inplace_vector(p_obj, "params") || inplace_vector(m_obj, "exp_avg") || inplace_vector(v_obj, "exp_avg_sq"))
+        return NULL;
+    if (step < 1) {
+        PyErr_SetString(PyExc_ValueError, "step counts from 1");
+        return NULL;
+    }
+    if (!(hp.beta1 >= 0 && hp.beta1 < 1 && hp.beta2 >= 0 && hp.beta2 < 1 && hp.eps > 0 && isfinite(hp.eps))) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= beta1, beta2 < 1 and eps > 0");
+        return NULL;
+    }
+    PyArrayObject *grads = as_float_array(g_obj, "grads", 1);
+    if (!grads) return NULL;
+    npy_intp n = PyArray_SIZE((PyArrayObject *)p_obj);
+    PyObject *fast = NULL, *result = NULL;
+    vad_adamw_segment *segs = NULL;
+    if (PyArray_SIZE(grads) != n || PyArray_SIZE((PyArrayObject *)m_obj) != n ||
+        PyArray_SIZE((PyArrayObject *)v_obj) != n) {
+        PyErr_SetString(PyExc_ValueError, "params, grads, exp_avg and exp_avg_sq must have the same length");
+        goto done;
+    }
+    if (!(fast = PySequence_Fast(seg_obj, "segments must be a sequence of (offset, size, lr, weight_decay)")))
+        goto done;
+    Py_ssize_t ns = PySequence_Fast_GET_SIZE(fast);
+    segs = (vad_adamw_segment *)PyMem_Calloc(ns ? (size_t)ns : 1, sizeof(vad_adamw_segment));
+    if (!segs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < ns; i++) {
+        Py_ssize_t off, size;
+        double lr, wd;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "nndd;segments must hold (offset, size, lr, "
+                              "weight_decay) tuples", &off, &size, &lr, &wd))
+            goto done;
+        if (off < 0 || size < 0 || off > n || size > n - off || !isfinite(lr) || !isfinite(wd)) {
+            PyErr_Format(PyExc_ValueError, "segment %zd (offset %zd, size %zd) is outside the %zd parameters or has a "
+                         "non-finite lr / weight decay", i, off, size, (Py_ssize_t)n);
+            goto done;
+        }
+        segs[i].offset = (size_t)off;
+        segs[i].size = (size_t)size;
+        segs[i].lr = lr;
+        segs[i].weight_decay = wd;
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    vad_pool *pool = vad_pool_create(nthreads);
+    ok = pool != NULL;
+    if (ok)
+        vad_adamw_step(pool, (float *)PyArray_DATA((PyArrayObject *)p_obj), (const float *)PyArray_DATA(grads),
+                       (float *)PyArray_DATA((PyArrayObject *)m_obj), (float *)PyArray_DATA((PyArrayObject *)v_obj),
+                       segs, (int)ns, &hp, step);
+    vad_pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_DECREF(grads);
+    Py_XDECREF(fast);
+    PyMem_Free(segs);
+    return result;
+}
+
+static PyObject *py_clip_grad_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj;
+    double max_norm;
+    if (!PyArg_ParseTuple(args, "Od", &obj, &max_norm)) return NULL;
+    if (inplace_vector(obj, "grad")) return NULL;
+    if (!(max_norm > 0) || !isfinite(max_norm)) {
+        PyErr_SetString(PyExc_ValueError, "max_norm must be a positive finite number");
+        return NULL;
+    }
+    double norm;
+    Py_BEGIN_ALLOW_THREADS
+    norm = vad_clip_grad_norm((float *)PyArray_DATA((PyArrayObject *)obj), (size_t)PyArray_SIZE((PyArrayObject *)obj),
+                              max_norm);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(norm);
+}
+
+static PyObject *py_dropout_mask(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t n;
+    double p;
+    unsigned long long seed;
+    int layer, image, site, token;
+    if (!PyArg_ParseTuple(args, "ndKiiii", &n, &p, &seed, &layer, &image, &site, &token)) return NULL;
+    if (n < 0 || !(p >= 0.0 && p < 1.0) || site < 0 || site > 3 || token < 0 || token > 1) {
+        PyErr_SetString(PyExc_ValueError, "need n >= 0, 0 <= p < 1, site in 0..3, token in 0..1");
+        return NULL;
+    }
+    npy_intp dims[1] = {n};
+    PyObject *out = new_float_array(1, dims);
+    if (!out) return NULL;
+    float *x = (float *)PyArray_DATA((PyArrayObject *)out);
+    for (Py_ssize_t i = 0; i < n; i++) x[i] = 1.0f;
+    vad_dropout_forward(NULL, x, n, (float)p, vad_dropout_stream(seed, layer, image, site, token));
+    return out;
+}
+
+static PyObject *py_cosine_annealing_lr(PyObject *self, PyObject *args) {
+    (void)self;
+    double base, eta_min;
+    int epoch, t_max;
+    if (!PyArg_ParseTuple(args, "ddii", &base, &eta_min, &epoch, &t_max)) return NULL;
+    return PyFloat_FromDouble(vad_cosine_annealing_lr(base, eta_min, epoch, t_max));
+}
+
+/* ====== head training (end) */
+
 /* ================================================================== module */
 
 static PyMethodDef module_methods[] = {
@@ -946,6 +1259,18 @@ static PyMethodDef module_methods[] = {
      "head_layout(config) -> ([(name, shape, offset), ...], total_floats): the head buffer layout."},
     {"gaussian_filter", py_gaussian_filter, METH_VARARGS,
      "gaussian_filter(maps (B,H,W) float32, sigma, num_threads=1) -> filtered copy (SciPy 'reflect', truncate 4)."},
+    {"adamw_step", (PyCFunction)(void (*)(void))py_adamw_step, METH_VARARGS | METH_KEYWORDS,
+     "adamw_step(params, grads, exp_avg, exp_avg_sq, segments, step, beta1=0.9, beta2=0.999, eps=1e-8,\n"
+     "num_threads=1) -> None. One torch.optim.AdamW step (t = step, from 1) in place on the 1-D float32\n"
+     "buffers params / exp_avg / exp_avg_sq; segments = [(offset, size, lr, weight_decay), ...]."},
+    {"clip_grad_norm", py_clip_grad_norm, METH_VARARGS,
+     "clip_grad_norm(grad, max_norm) -> norm before clipping; grad (1-D float32, e.g. a slice of the\n"
+     "gradient buffer) *= min(1, max_norm / (norm + 1e-6)) in place (left as is when norm is NaN/Inf)."},
+    {"dropout_mask", py_dropout_mask, METH_VARARGS,
+     "dropout_mask(n, p, seed, layer, image, site, token) -> float32 (n,) multipliers (0 or 1/(1-p)) the\n"
+     "training dropout uses (site 0 SAF hidden, 1 SAF out, 2 SCA attention, 3 SCA out)."},
+    {"cosine_annealing_lr", py_cosine_annealing_lr, METH_VARARGS,
+     "cosine_annealing_lr(base_lr, eta_min, epoch, t_max) -> eta_min + (base-eta_min)(1+cos(pi epoch/t_max))/2"},
     {"resize_bilinear", py_resize_bilinear, METH_VARARGS,
      "resize_bilinear(grid (H,W,C) float32, H_out, W_out) -> (H_out, W_out, C) (align_corners=False)."},
     {NULL, NULL, 0, NULL},

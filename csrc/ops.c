@@ -388,17 +388,25 @@ typedef struct {
 
 static void attention_task(void *vctx, int64_t begin, int64_t end, int tid) {
     attn_ctx *c = (attn_ctx *)vctx;
-    int T = c->T, D = c->D, dh = D / c->heads;
-    float *S = c->scratch + (size_t)tid * T * T;
+    int T = c->T, D = c->D, dh = D / c->heads, rows = T < VAD_ATTN_ROWS ? T : VAD_ATTN_ROWS;
+    float *S = c->scratch + (size_t)tid * rows * T;
     for (int64_t job = begin; job < end; job++) {
         int b = (int)(job / c->heads), h = (int)(job % c->heads);
         const float *base = c->qkv + (size_t)b * T * 3 * D;
         const float *Q = base + h * dh, *K = base + D + h * dh, *V = base + 2 * D + h * dh;
-        /* scores = Q K^T (scale folded into the softmax) */
-        vad_sgemm(0, 1, T, T, dh, 1.0f, Q, 3 * D, K, 3 * D, 0.0f, S, T);
-        vad_softmax_rows_serial(S, T, T, T, 1.0f / sqrtf((float)dh));
-        vad_sgemm(0, 0, T, dh, T, 1.0f, S, T, V, 3 * D, 0.0f, c->out + (size_t)b * T * D + h * dh, D);
+        float *O = c->out + (size_t)b * T * D + h * dh;
+        /* query rows in blocks so the score block stays in cache; scale folded into the softmax */
+        for (int r0 = 0; r0 < T; r0 += rows) {
+            int rc = T - r0 < rows ? T - r0 : rows;
+            vad_sgemm(0, 1, rc, T, dh, 1.0f, Q + (size_t)r0 * 3 * D, 3 * D, K, 3 * D, 0.0f, S, T);
+            vad_softmax_rows_serial(S, rc, T, T, 1.0f / sqrtf((float)dh));
+            vad_sgemm(0, 0, rc, dh, T, 1.0f, S, T, V, 3 * D, 0.0f, O + (size_t)r0 * D, D);
+        }
     }
+}
+
+size_t vad_attention_scratch(int T, int nthreads) {
+    return (size_t)nthreads * (size_t)(T < VAD_ATTN_ROWS ? T : VAD_ATTN_ROWS) * (size_t)T;
 }
 
 void vad_attention(vad_pool *pool, float *out, const float *qkv, float *scratch, int B, int T,
@@ -410,7 +418,7 @@ void vad_attention(vad_pool *pool, float *out, const float *qkv, float *scratch,
 
 /* Attention backward: recomputes each head's probabilities P from qkv, then
  * dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(P dP)), dQ = s dS K, dK = s dS^T Q.
- * dout [B, T, D]; dqkv [B, T, 3D] written. scratch: pool_size * 2 * T * T floats. */
+ * dout [B, T, D]; dqkv [B, T, 3D] written. Query rows in blocks of VAD_ATTN_ROWS. */
 typedef struct {
     float *dqkv, *scratch;
     const float *dout, *qkv;
@@ -429,24 +437,32 @@ VAD_HOT static void softmax_grad_row(float *ds, const float *p, int n) {
 
 static void attention_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
     attn_back_ctx *c = (attn_back_ctx *)vctx;
-    int T = c->T, D = c->D, dh = D / c->heads;
+    int T = c->T, D = c->D, dh = D / c->heads, rows = T < VAD_ATTN_ROWS ? T : VAD_ATTN_ROWS;
     float scale = 1.0f / sqrtf((float)dh);
-    float *P = c->scratch + (size_t)tid * 2 * T * T, *dS = P + (size_t)T * T;
+    float *P = c->scratch + (size_t)tid * 2 * rows * T, *dS = P + (size_t)rows * T;
     for (int64_t job = begin; job < end; job++) {
         int b = (int)(job / c->heads), h = (int)(job % c->heads);
         const float *base = c->qkv + (size_t)b * T * 3 * D;
         const float *Q = base + h * dh, *K = base + D + h * dh, *V = base + 2 * D + h * dh;
         const float *dO = c->dout + (size_t)b * T * D + h * dh;
         float *dbase = c->dqkv + (size_t)b * T * 3 * D;
-        vad_sgemm(0, 1, T, T, dh, 1.0f, Q, 3 * D, K, 3 * D, 0.0f, P, T);
-        vad_softmax_rows_serial(P, T, T, T, scale);
-        vad_sgemm(1, 0, T, dh, T, 1.0f, P, T, dO, D, 0.0f, dbase + 2 * D + h * dh, 3 * D);
-        vad_sgemm(0, 1, T, T, dh, 1.0f, dO, D, V, 3 * D, 0.0f, dS, T);
-        for (int r = 0; r < T; r++) softmax_grad_row(dS + (size_t)r * T, P + (size_t)r * T, T);
-        vad_sgemm(0, 0, T, dh, T, scale, dS, T, K, 3 * D, 0.0f, dbase + h * dh, 3 * D);
-        vad_sgemm(1, 0, T, dh, T, scale, dS, T, Q, 3 * D, 0.0f, dbase + D + h * dh, 3 * D);
+        float *dQ = dbase + h * dh, *dK = dbase + D + h * dh, *dV = dbase + 2 * D + h * dh;
+        for (int r0 = 0; r0 < T; r0 += rows) {
+            int rc = T - r0 < rows ? T - r0 : rows;
+            float acc = r0 == 0 ? 0.0f : 1.0f; /* dK, dV sum over the query blocks */
+            const float *Qc = Q + (size_t)r0 * 3 * D, *dOc = dO + (size_t)r0 * D;
+            vad_sgemm(0, 1, rc, T, dh, 1.0f, Qc, 3 * D, K, 3 * D, 0.0f, P, T);
+            vad_softmax_rows_serial(P, rc, T, T, scale);
+            vad_sgemm(1, 0, T, dh, rc, 1.0f, P, T, dOc, D, acc, dV, 3 * D);
+            vad_sgemm(0, 1, rc, T, dh, 1.0f, dOc, D, V, 3 * D, 0.0f, dS, T);
+            for (int r = 0; r < rc; r++) softmax_grad_row(dS + (size_t)r * T, P + (size_t)r * T, T);
+            vad_sgemm(0, 0, rc, dh, T, scale, dS, T, K, 3 * D, 0.0f, dQ + (size_t)r0 * 3 * D, 3 * D);
+            vad_sgemm(1, 0, T, dh, rc, scale, dS, T, Qc, 3 * D, acc, dK, 3 * D);
+        }
     }
 }
+
+size_t vad_attention_backward_scratch(int T, int nthreads) { return 2 * vad_attention_scratch(T, nthreads); }
 
 void vad_attention_backward(vad_pool *pool, float *dqkv, const float *dout, const float *qkv, float *scratch,
                             int B, int T, int D, int heads) {

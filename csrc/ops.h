@@ -3,6 +3,7 @@
 #ifndef VAD_OPS_H
 #define VAD_OPS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "threadpool.h"
@@ -44,14 +45,18 @@ void vad_residual_add(vad_pool *pool, float *x, const float *y, const float *sca
 /* Softmax of each row of x [rows, cols] (stride ld), in place, after multiplying by `scale`. */
 void vad_softmax_rows_serial(float *x, int rows, int cols, int ld, float scale);
 
+/* Query rows per attention block: each worker holds one VAD_ATTN_ROWS x T score block. */
+#define VAD_ATTN_ROWS 256
+
 /* Multi-head self-attention core for a packed qkv [B, T, 3D] (q | k | v, heads contiguous
- * inside each), writing out [B, T, D]. One T x T score matrix per worker thread (scratch must
- * hold pool_size * T * T floats). */
+ * inside each), writing out [B, T, D]. scratch: vad_attention_scratch(T, pool size) floats. */
+size_t vad_attention_scratch(int T, int nthreads);
 void vad_attention(vad_pool *pool, float *out, const float *qkv, float *scratch, int B, int T,
                    int D, int heads);
 
 /* Backward of vad_attention: dqkv [B, T, 3D] from dout [B, T, D] (probabilities recomputed).
- * scratch: pool_size * 2 * T * T floats. */
+ * scratch: vad_attention_backward_scratch(T, pool size) floats. */
+size_t vad_attention_backward_scratch(int T, int nthreads);
 void vad_attention_backward(vad_pool *pool, float *dqkv, const float *dout, const float *qkv, float *scratch,
                             int B, int T, int D, int heads);
 

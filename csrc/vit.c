@@ -162,7 +162,7 @@ int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T) {
     size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * (size_t)c->mlp_hidden : (size_t)c->mlp_hidden;
     size_t n_x = BT * D, n_h = BT * D, n_proj = BT * D, n_qkv = BT * 3 * D, n_mlp = BT * fc1_out;
     size_t n_mlp2 = c->activation == VAD_ACT_SWIGLU ? BT * (size_t)c->mlp_hidden : 0;
-    size_t n_scr = (size_t)vad_pool_size(m->pool) * T * T;
+    size_t n_scr = vad_attention_scratch(T, vad_pool_size(m->pool));
     size_t n_cols = (size_t)B * g * g * 3 * c->patch * c->patch;
     /* the im2col buffer is only live before the first block: share it with the MLP buffer */
     size_t n_shared = n_mlp > n_cols ? n_mlp : n_cols;

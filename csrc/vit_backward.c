@@ -15,7 +15,7 @@ static int ensure_train_workspace(vad_vit *m, int B, int T) {
     const vad_vit_config *c = &m->cfg;
     size_t D = (size_t)c->width, BT = (size_t)B * T, Hm = (size_t)c->mlp_hidden;
     size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * Hm : Hm;
-    size_t n_scr = (size_t)vad_pool_size(m->pool) * 2 * T * T;
+    size_t n_scr = vad_attention_backward_scratch(T, vad_pool_size(m->pool));
     size_t total = 4 * BT * D + 3 * BT * D + BT * fc1_out + BT * Hm + n_scr;
     m->tws = (float *)malloc(total * sizeof(float));
     if (!m->tws) {

@@ -45,6 +45,7 @@ __all__ = [
     "random_clip_state", "random_dinov2_state", "random_head", "head_to_torch",
     "flatten_head", "head_grads",
     "clip_tower", "dinov2_tower", "visualad_encode", "visualad_maps", "visualad_losses",
+    "head_forward", "visualad_head_losses", "losses_from_maps",
     "sca", "saf", "layer_map", "gaussian_filter_ref", "gaussian_kernel1d", "topk_mean",
     "focal_loss", "dice_loss", "preprocess_reference", "preprocess_mask_reference",
     "make_optimizer", "make_scheduler", "clip_token_grads", "train_step",
@@ -535,12 +536,15 @@ def _sca_params(head, layer):
     return {k[len(p):]: v for k, v in ca.items() if k.startswith(p)}
 
 
-def sca(params: dict, token: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-    """Spatial cross-attention (SPEC 1.7), dropout 0.  token [B,D], patches [B,N,D].
+def sca(params: dict, token: torch.Tensor, patches: torch.Tensor, att_mask=None, out_mask=None) -> torch.Tensor:
+    """Spatial cross-attention (SPEC 1.7).  token [B,D], patches [B,N,D].
     Param names as in the official checkpoint, minus the 'layer_attentions.layer_l.' prefix.
     VERIFIED against 7HHHHH/VisualAD utils/spatial_cross_attention.py
     (SpatialBottleneckAttention): LayerNorms are nn.LayerNorm defaults (eps 1e-5), scale is
-    C**-0.5 with C the full width, softmax over the patches."""
+    C**-0.5 with C the full width, softmax over the patches.
+    Dropout (training): att_mask [B,m,N] multiplies the softmax weights and out_mask [B,D] the
+    output projection (multipliers 0 or 1/(1-p), i.e. what nn.Dropout applies; VERIFIED there:
+    self.dropout after F.softmax and after out_proj).  None = no dropout."""
     B, N, D = patches.shape
     E = _t(params["pos_encoding"]).reshape(-1, D)
     if N > E.shape[0]:
@@ -551,17 +555,25 @@ def sca(params: dict, token: torch.Tensor, patches: torch.Tensor) -> torch.Tenso
             params["k_norm.weight"], params["k_norm.bias"], 1e-5)          # [B,N,D]
     V = _linear(patches, params["v_proj.weight"])                         # [B,N,D]
     att = torch.softmax(torch.matmul(Q, K.transpose(1, 2)) * (D ** -0.5), dim=-1)  # [B,m,N]
+    if att_mask is not None:
+        att = att * _t(att_mask)
     U = torch.matmul(att, V)                                              # [B,m,D]
     gate = torch.sigmoid(_linear(token, params["gate.0.weight"], params["gate.0.bias"]))  # [B,m]
     agg = (U * gate.unsqueeze(-1)).sum(dim=1)                             # [B,D]
     out = _linear(agg, params["out_proj.weight"], params["out_proj.bias"])
+    if out_mask is not None:
+        out = out * _t(out_mask)
     return token + _t(params["res_scale"]).reshape(()) * out
 
 
-def saf(params: dict, patches: torch.Tensor) -> torch.Tensor:
-    """SAF (SPEC 1.8): mlp.3(GELU_erf(mlp.0(P))), no residual, dropout 0."""
+def saf(params: dict, patches: torch.Tensor, hidden_mask=None, out_mask=None) -> torch.Tensor:
+    """SAF (SPEC 1.8): mlp.3(GELU_erf(mlp.0(P))), no residual.  Dropout (training, SPEC 1.8:
+    after the GELU and after W2): hidden_mask [B,N,H], out_mask [B,N,D] multipliers; None = none."""
     h = F.gelu(_linear(patches, params["mlp.0.weight"], params["mlp.0.bias"]))
-    return _linear(h, params["mlp.3.weight"], params["mlp.3.bias"])
+    if hidden_mask is not None:
+        h = h * _t(hidden_mask)
+    out = _linear(h, params["mlp.3.weight"], params["mlp.3.bias"])
+    return out * _t(out_mask) if out_mask is not None else out
 
 
 def layer_map(patches_hat, ta, tn, grid, S) -> torch.Tensor:
@@ -637,25 +649,40 @@ def topk_mean(maps: torch.Tensor, topk_ratio: float = 0.01) -> torch.Tensor:
     return torch.topk(maps.reshape(B, -1), k, dim=1).values.mean(dim=1)
 
 
-def _forward(family, state, head, images, layers, eps=None, heads=None):
-    images = _t(images)
-    S = images.shape[-1]
+def head_forward(head, feats, ta0, tn0, layers, S, dropout_masks=None):
+    """SCA, SAF and the per-layer S x S maps from the encode outputs: feats {l: [B,N,D]}
+    (ln_post'd patch tokens), ta0/tn0 [B,D] (ln_post'd final tokens, before SCA).
+    Returns (maps {l: [B,S,S]}, tokens {l: (ta', tn')}).
+
+    dropout_masks: None (no dropout) or a callable (site, i, token) -> multiplier tensor for
+    used-layer index i: site "saf_hidden" [B,N,H], "saf_out" [B,N,D] (token 0), "sca_att"
+    [B,m,N], "sca_out" [B,D] (token 0 = t_a, 1 = t_n: the official module is called once per
+    token, so each call draws its own masks)."""
     layers = [int(l) for l in layers]
-    enc = visualad_encode(family, state, head, images, layers, eps=eps, heads=heads)
-    ta0, tn0 = enc["anomaly_token"], enc["normal_token"]
-    g = enc["grid"]
+    dm = dropout_masks or (lambda site, i, token: None)
     maps, tokens = {}, {}
-    for l in layers:
-        P = enc["layers"][l]
+    for i, l in enumerate(layers):
+        P = feats[l]
+        g = math.isqrt(P.shape[1])
         prm = _sca_params(head, l)
         if prm is not None:
-            ta, tn = sca(prm, ta0, P), sca(prm, tn0, P)
+            ta = sca(prm, ta0, P, dm("sca_att", i, 0), dm("sca_out", i, 0))
+            tn = sca(prm, tn0, P, dm("sca_att", i, 1), dm("sca_out", i, 1))
         else:                                         # no SCA module for this layer
             ta, tn = ta0, tn0
         tokens[l] = (ta, tn)
         lt = head["layer_transforms"].get(f"layer_{l}")
-        Ph = saf(lt, P) if lt is not None else P     # AMBIGUITY: no SAF -> raw P_l (official code)
+        # AMBIGUITY: no SAF -> raw P_l (official code)
+        Ph = saf(lt, P, dm("saf_hidden", i, 0), dm("saf_out", i, 0)) if lt is not None else P
         maps[l] = layer_map(Ph, ta, tn, g, S)
+    return maps, tokens
+
+
+def _forward(family, state, head, images, layers, eps=None, heads=None):
+    images = _t(images)
+    S = images.shape[-1]
+    enc = visualad_encode(family, state, head, images, layers, eps=eps, heads=heads)
+    maps, tokens = head_forward(head, enc["layers"], enc["anomaly_token"], enc["normal_token"], layers, S)
     return enc, maps, tokens
 
 
@@ -695,21 +722,48 @@ def dice_loss(p: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 
 def visualad_losses(family, state, head, images, labels, masks, layers, topk_ratio=0.01,
-                    eps=None, heads=None) -> dict:
+                    eps=None, heads=None, has_mask=None) -> dict:
     """SPEC 3 losses with dropout 0: {"cls", "seg", "contrastive", "total"} (torch scalars).
 
     Use head = head_to_torch(head, requires_grad=True) and call total.backward(): the
     gradient reaches every trainable head tensor, t_a and t_n through the frozen backbone.
-    labels [B] (0/1), masks [B,S,S] (0/1)."""
+    labels [B] (0/1), masks [B,S,S] (0/1) or None (all normal), has_mask: see losses_from_maps."""
     layers = [int(l) for l in layers]
+    images = _t(images)
     _, maps, tokens = _forward(family, state, head, images, layers, eps, heads)
-    gt = _t(masks)
-    gt = (gt > 0.5).to(F32)
-    seg = None
-    for l in layers:
-        p = torch.sigmoid(maps[l])
-        term = focal_loss(p, gt) + dice_loss(p, gt)
-        seg = term if seg is None else seg + term
+    return losses_from_maps(maps, tokens, layers, labels, masks, topk_ratio, has_mask)
+
+
+def visualad_head_losses(head, feats, ta, tn, labels, masks, layers, S, topk_ratio=0.01, has_mask=None,
+                         dropout_masks=None) -> dict:
+    """The SPEC 3 losses from the encode outputs alone (feats {l: [B,N,D]}, ta/tn [B,D]: pass
+    leaf tensors with requires_grad to get their gradients), so the head can be checked apart
+    from the backbone.  dropout_masks: see head_forward."""
+    layers = [int(l) for l in layers]
+    maps, tokens = head_forward(head, feats, _t(ta), _t(tn), layers, S, dropout_masks)
+    return losses_from_maps(maps, tokens, layers, labels, masks, topk_ratio, has_mask)
+
+
+def losses_from_maps(maps, tokens, layers, labels, masks, topk_ratio=0.01, has_mask=None) -> dict:
+    """SPEC 3 losses from the per-layer unfiltered maps {l: [B,S,S]} and SCA tokens.
+
+    has_mask [B] (default all true): the segmentation loss (Focal + Dice per layer) is computed
+    on the sub-batch of images whose mask counts, exactly as if only they were in the batch
+    (Focal = mean over their pixels, Dice = 1 - mean of their coefficients); 0 when none counts.
+    This is how a defective image without a ground-truth mask is handled (it contributes only
+    the classification and contrastive terms); a good image without a mask should be passed
+    with has_mask true and a zero mask.  With every has_mask true this is SPEC 3 verbatim."""
+    layers = [int(l) for l in layers]
+    first = maps[layers[0]]
+    B = first.shape[0]
+    gt = torch.zeros_like(first) if masks is None else (_t(masks) > 0.5).to(F32)
+    keep = torch.ones(B, dtype=torch.bool) if has_mask is None else torch.as_tensor(
+        np.asarray(has_mask).reshape(-1).astype(bool))
+    seg = torch.zeros((), dtype=F32)
+    if bool(keep.any()):
+        for l in layers:
+            p = torch.sigmoid(maps[l][keep])
+            seg = seg + focal_loss(p, gt[keep]) + dice_loss(p, gt[keep])
     fused = torch.stack([maps[l] for l in layers]).sum(dim=0)   # unfiltered fused map
     cls = F.binary_cross_entropy_with_logits(topk_mean(fused, topk_ratio), _t(labels).reshape(-1))
     # contrastive: SCA-enhanced tokens of the last used layer (official: features_list[-1]),

@@ -179,3 +179,15 @@ def test_topk_count_follows_ceil():
     assert det._topk(518) == math.ceil(518 * 518 * 0.01) == 2684
     with pytest.raises(ValueError, match="topk_ratio"):
         det.set_params(topk_ratio=0.0)._topk(518)
+
+
+def test_official_head_file_gives_the_same_maps_as_the_dict(tmp_path):
+    """A head written by torch.save in the official CLIP.pth layout (nested dicts) is read without
+    torch and gives the maps of the same head passed as a dict; layers/size default to the file's."""
+    state, head = clip_case(128, 3, 14, 4, [1, 3], seed=21, sca_layers=[1], image_size=56)
+    torch.save(head, tmp_path / "CLIP.pth")
+    x = random_images(2, 56, seed=22).numpy()
+    from_file = visualad.Detector(to_numpy(state), head=str(tmp_path / "CLIP.pth"))
+    from_dict = visualad.Detector(to_numpy(state), head=to_numpy(head))
+    np.testing.assert_array_equal(from_file.anomaly_maps(x), from_dict.anomaly_maps(x))
+    assert from_file._settings() == (56, [1, 3])

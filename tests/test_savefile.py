@@ -45,3 +45,17 @@ def test_not_a_detector_file(tmp_path):
     save_file({"x": np.zeros(3, np.float32)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="not a visualad detector file"):
         visualad.Detector.load(tmp_path / "plain.safetensors")
+
+
+def test_convert_command(tmp_path):
+    from visualad.cli import main
+    state = R.random_clip_state(64, 2, 14, 4, seed=4)
+    head = R.random_head(64, [1, 2], seed=5, image_size=56)
+    torch.save(state, tmp_path / "clip.pt")
+    torch.save(head, tmp_path / "CLIP.pth")
+    assert main(["convert", str(tmp_path / "clip.pt"), str(tmp_path / "det.safetensors"), "--head",
+                 str(tmp_path / "CLIP.pth")]) == 0
+    x = random_images(1, 56, seed=6).numpy()
+    want = visualad.Detector(to_numpy(state), head=to_numpy(head)).anomaly_maps(x)
+    np.testing.assert_array_equal(visualad.Detector.load(tmp_path / "det.safetensors").anomaly_maps(x), want)
+    assert main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "x.safetensors")]) == 1

@@ -263,6 +263,10 @@ class Detector:
                 bar.update(len(batch))
         return maps, scores
 
+    def maps_and_scores(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """``(anomaly_maps(X), anomaly_scores(X))`` from one pass of the backbone."""
+        return self._run(X, True, "anomaly maps")
+
     def anomaly_maps(self, X) -> np.ndarray:
         """Final fused, gaussian-filtered anomaly maps, float32 (N, S, S); higher = more anomalous."""
         return self._run(X, True, "anomaly maps")[0]
