@@ -95,13 +95,13 @@ void vad_gemm(vad_pool *pool, int trans_a, int trans_b, int M, int N, int K, flo
 
 /* ================================================================== small building blocks */
 
-/* out[c] += sum_r x[r, c] * (y ? y[r, c] : 1) over rows; parallel over blocks of columns, each
- * summed in row order (independent of the thread count). */
+/* out[c] += sum_r x[r, c] (bias gradients); parallel over blocks of columns, each summed in row
+ * order (independent of the thread count). */
 #define COL_BLOCK 64
 
 typedef struct {
     float *out;
-    const float *x, *y;
+    const float *x;
     int rows, cols;
 } colsum_ctx;
 
@@ -113,19 +113,14 @@ static void colsum_task(void *vctx, int64_t begin, int64_t end, int tid) {
         double acc[COL_BLOCK] = {0};
         for (int r = 0; r < c->rows; r++) {
             const float *xr = c->x + (size_t)r * c->cols + c0;
-            if (c->y) {
-                const float *yr = c->y + (size_t)r * c->cols + c0;
-                for (int j = 0; j < n; j++) acc[j] += (double)xr[j] * yr[j];
-            } else {
-                for (int j = 0; j < n; j++) acc[j] += xr[j];
-            }
+            for (int j = 0; j < n; j++) acc[j] += xr[j];
         }
         for (int j = 0; j < n; j++) c->out[c0 + j] += (float)acc[j];
     }
 }
 
-static void colsum_add(vad_pool *pool, float *out, const float *x, const float *y, int rows, int cols) {
-    colsum_ctx c = {out, x, y, rows, cols};
+static void colsum_add(vad_pool *pool, float *out, const float *x, int rows, int cols) {
+    colsum_ctx c = {out, x, rows, cols};
     vad_parallel_for(pool, (cols + COL_BLOCK - 1) / COL_BLOCK, 1, colsum_task, &c);
 }
 
@@ -135,7 +130,7 @@ static void linear_backward(vad_pool *pool, float *dx, float dx_beta, float *dW,
                             const float *x, const float *W, int M, int Nout, int K) {
     if (dx) vad_linear_backward_input(pool, dx, K, dy, Nout, W, M, Nout, K, dx_beta);
     if (dW) vad_gemm(pool, 1, 0, Nout, K, M, 1.0f, dy, Nout, x, K, 1.0f, dW, K);
-    if (db) colsum_add(pool, db, dy, NULL, M, Nout);
+    if (db) colsum_add(pool, db, dy, M, Nout);
 }
 
 /* Softmax over each row of scale * logits (forward: vad_softmax_rows_serial). Backward:

@@ -190,7 +190,7 @@ def test_dropout_matches_reference_with_the_same_masks(p):
     compare(head, layers, layout, got, want)
     # and dropout did change the result
     plain = eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k)
-    assert abs(plain[0]["total"] - got[0]["total"]) > 1e-4
+    assert rel(got[1], plain[1]) > 1e-2 and rel(got[2][0], plain[2][0]) > 1e-2
 
 
 def test_dropout_reproducible_seeded_and_thread_independent():
