@@ -3,6 +3,7 @@
     visualad eval --data ROOT --dataset {mvtec,visa,btad,mpdd,meta} --backbone B [--head H] [--out DIR]
     visualad predict IMAGES... --backbone B [--head H] --out DIR
     visualad make-meta ROOT --dataset {mvtec,visa,btad,mpdd} [--out meta.json]
+    visualad train --data ROOT --dataset {mvtec,visa,btad,mpdd,meta} --backbone B --out HEAD
     visualad convert SRC DST [--head HEAD]
 
 Each subcommand is a pair of functions — one adding its arguments to an ``argparse`` parser, one
@@ -160,6 +161,50 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    from .datasets import DATASET_KINDS
+    parser.add_argument("--data", required=True, metavar="ROOT", help="auxiliary dataset root folder")
+    parser.add_argument("--dataset", required=True, choices=DATASET_KINDS, help="dataset layout")
+    parser.add_argument("--meta", metavar="FILE", help="meta.json to read with --dataset meta (default ROOT/meta.json)")
+    parser.add_argument("--split", default="test", choices=("train", "test"),
+                        help="split to train on (the paper's protocol trains on the auxiliary test split)")
+    parser.add_argument("--out", required=True, metavar="HEAD", help="output detector file (Detector.save format)")
+    parser.add_argument("--official", metavar="PTH", help="also write the head in the official CLIP.pth layout "
+                        "(default: HEAD with the suffix .pth)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs (paper: 1 for VisA->MVTec, 2 for MVTec->VisA)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of t_a and t_n (default 1e-3)")
+    parser.add_argument("--head-lr", type=float, default=1e-4, help="learning rate of ln_post, SAF, SCA (default 1e-4)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="dropout in SAF and SCA (default 0.1)")
+    parser.add_argument("--layers", metavar="L1,L2,...", help="1-based blocks (default: 4 evenly spaced)")
+    parser.add_argument("--seed", type=int, default=111, help="random seed (default 111)")
+    add_detector_arguments(parser)
+    _add_progress_argument(parser)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .datasets import load_dataset
+    data = load_dataset(args.data, args.dataset, split=args.split, meta_path=args.meta)
+    items = list(data.items)
+    if not items:
+        raise ValueError(f"no images in the {args.split} split of {args.data}")
+    layers = [int(v) for v in args.layers.split(",")] if args.layers else None
+    det = detector_from_args(args, layers=layers, epochs=args.epochs, learning_rate=args.lr,
+                             head_learning_rate=args.head_lr, dropout=args.dropout, random_state=args.seed,
+                             progress=args.progress)
+    det.fit([it.image for it in items], np.array([it.label for it in items]), [it.mask for it in items])
+    det.save(args.out)
+    official = args.official or os.path.splitext(args.out)[0] + ".pth"
+    det.save_official_head(official)
+    last = det.training_history_[-1] if det.training_history_ else {}
+    print(f"trained on {len(items)} images for {args.epochs} epoch(s); last step losses: "
+          + ", ".join(f"{k} {last[k]:.4f}" for k in ("total", "cls", "seg", "contrastive") if k in last))
+    print(f"wrote {args.out} and {official} (official layout, torch.load-able)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- registry
 
 #: name -> (help, add_arguments(parser), run(args) -> exit status)
@@ -167,6 +212,7 @@ COMMANDS = {
     "eval": ("benchmark a detector on a dataset's test split (the paper's table)", _add_eval, _run_eval),
     "predict": ("score images and write overlays", _add_predict, _run_predict),
     "make-meta": ("write meta.json for a dataset in a folder/CSV layout", _add_make_meta, _run_make_meta),
+    "train": ("train a VisualAD head on an auxiliary dataset (SPEC §3 protocol)", _add_train, _run_train),
     "convert": ("convert a backbone (and head) into visualad's own single file", _add_convert, _run_convert),
 }
 

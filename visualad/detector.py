@@ -196,7 +196,98 @@ class Detector:
             out_layers[l] = np.concatenate(feats_parts[l]) if len(feats_parts[l]) > 1 else feats_parts[l][0]
         return {"layers": out_layers, "anomaly_token": np.concatenate(ta_all), "normal_token": np.concatenate(tn_all)}
 
+    # ------------------------------------------------------------------ training
+    def _train_setup(self, X, y, masks):
+        from .training import HeadBuffers, check_labels
+        engine = self._model()
+        size, layers = self._settings()
+        src = self._source(X, size)
+        labels = check_labels(y, masks, len(src))
+        buffers = HeadBuffers.from_head(self.head_, layers, self._backbone_.width, self._threads())
+        return engine, size, layers, src, labels, buffers
+
+    def loss_and_grad(self, X, y, masks=None, dropout=0.0):
+        """The training losses of X (one batch) and their gradients w.r.t. every trainable tensor.
+
+        Returns ``(losses, grads)``: losses ``{"cls", "seg", "contrastive", "total"}`` as floats;
+        grads keyed by the flattened official head names (``anomaly_token``, ``ln_post_weight``,
+        ``layer_transforms.layer_6.mlp.0.weight``, ``cross_attn.layer_attentions.layer_6.q_proj.weight``,
+        ...). The gradient reaches t_a and t_n through the frozen backbone. Nothing is updated."""
+        from .training import batch_targets, loss_and_grad
+        engine, size, layers, src, labels, buf = self._train_setup(X, y, masks)
+        d = float(dropout)
+        if not 0.0 <= d < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        mask_arr, has_mask = batch_targets(labels, masks, np.arange(len(src)), size)
+        losses = loss_and_grad(engine, buf, src.batch(0, len(src)), layers, labels, mask_arr, has_mask,
+                               self._topk(size), d, int(self.random_state))
+        return losses, buf.flat_gradients(self.head_, layers)
+
+    def fit(self, X, y, masks=None):
+        """Trains the head (starting from `head`, else a fresh seeded head) as SPEC §3 says.
+
+        X: images in any accepted form; y: 0/1 labels; masks: None or one entry per image (None, a
+        path, a PIL image or an array; see visualad.training.prepare_targets). AdamW with t_a/t_n at
+        ``learning_rate`` and the rest at ``head_learning_rate``, weight decay 0.01, cosine annealing
+        per epoch (eta_min 1e-4), t_a/t_n gradients clipped separately to norm 1, NaN steps skipped,
+        ``dropout`` in SAF and SCA. Progress (running loss terms) with ``progress=True``. If
+        interrupted, ``head_`` keeps the last completed step. Returns self."""
+        from .progress import Progress
+        from .training import adamw_update, batch_targets, epoch_lr, loss_and_grad, step_seed
+        engine, size, layers, src, labels, buf = self._train_setup(X, y, masks)
+        epochs, bs = int(self.epochs), self._batch_size()
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        d = float(self.dropout)
+        if not 0.0 <= d < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        topk, n = self._topk(size), len(src)
+        rng = np.random.default_rng(self.random_state)
+        history, skipped = [], 0
+        start_head = self.head_
+        steps_per_epoch = (n + bs - 1) // bs
+        try:
+            with Progress(epochs * steps_per_epoch, "fit", bool(self.progress)) as bar:
+                for epoch in range(epochs):
+                    token_lr = epoch_lr(float(self.learning_rate), epoch, epochs)
+                    head_lr = epoch_lr(float(self.head_learning_rate), epoch, epochs)
+                    order = rng.permutation(n)
+                    running = {}
+                    for step in range(steps_per_epoch):
+                        idx = np.sort(order[step * bs:(step + 1) * bs])
+                        batch = np.stack([src.batch(int(i), int(i) + 1)[0] for i in idx])
+                        mask_arr, has_mask = batch_targets(labels, masks, idx, size)
+                        losses = loss_and_grad(engine, buf, batch, layers, labels[idx], mask_arr, has_mask,
+                                               topk, d, step_seed(self.random_state, epoch, step))
+                        if not all(math.isfinite(v) for v in losses.values()) or \
+                                not adamw_update(buf, token_lr, head_lr, self._threads()):
+                            skipped += 1
+                        else:
+                            history.append(dict(losses, epoch=epoch))
+                            for k, v in losses.items():
+                                running[k] = 0.9 * running.get(k, v) + 0.1 * v
+                        bar.update(1, **{k: running[k] for k in ("total", "cls", "seg", "contrastive") if k in running})
+        finally:
+            self.head_ = buf.to_official(start_head, layers)
+            self.head_["features_list"] = list(layers)
+            self.head_["image_size"] = size
+            self.head_["epoch"] = epochs
+            self._head_version = getattr(self, "_head_version", 0) + 1
+            self.training_history_ = history
+            self.n_skipped_steps_ = skipped
+        return self
+
     # ------------------------------------------------------------------ persistence
+    def save_official_head(self, path) -> None:
+        """Writes the head in the official VisualAD layout (CLIP.pth) as a torch zip that
+        ``torch.load`` reads; written without PyTorch."""
+        from .head import official_head
+        from .torchzip_writer import save_torch_zip
+        self._model()
+        size, layers = self._settings()
+        name = os.path.basename(os.fspath(self.backbone)) if isinstance(self.backbone, (str, os.PathLike)) else "custom"
+        save_torch_zip(path, official_head(self.head_, layers, size, name))
+
     def save(self, path, include_backbone: bool = True) -> None:
         """Writes one self-describing file: backbone weights (or, with include_backbone=False, the
         path they came from), the head, and the settings. Read it with :meth:`Detector.load`."""

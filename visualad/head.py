@@ -193,3 +193,18 @@ def pack_head(head: dict, layers: list[int], width: int, layout: list, total: in
                              "(all layers must share the number of anchors, SCA positions and SAF width)")
         params[offset:offset + size] = arr
     return params
+
+
+def official_head(head: dict, layers: list[int], image_size: int, backbone_name: str) -> dict:
+    """The dict the official code saves (SPEC §4), ready for torch.save-compatible writing."""
+    out = {k: np.asarray(head[k], np.float32) for k in ("anomaly_token", "normal_token", "ln_post_weight",
+                                                         "ln_post_bias")}
+    out.update(features_list=[int(l) for l in layers], image_size=int(image_size),
+               epoch=int(head.get("epoch", 0) or 0), backbone=str(head.get("backbone", backbone_name)),
+               transform_type="mlp",
+               layer_transforms={k: {n: np.asarray(a, np.float32) for n, a in v.items()}
+                                 for k, v in head["layer_transforms"].items()},
+               cross_attn={k: np.asarray(v, np.float32) for k, v in head["cross_attn"].items()},
+               cross_attn_config=dict(head.get("cross_attn_config") or {"num_anchors": NUM_ANCHORS, "dropout": 0.1,
+                                                                         "res_scale_init": RES_SCALE_INIT}))
+    return out
