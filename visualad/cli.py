@@ -1,5 +1,6 @@
 """The ``visualad`` command line.
 
+    visualad demo [--out DIR]
     visualad eval --data ROOT --dataset {mvtec,visa,btad,mpdd,meta} --backbone B [--head H] [--out DIR]
     visualad predict IMAGES... --backbone B [--head H] --out DIR
     visualad make-meta ROOT --dataset {mvtec,visa,btad,mpdd} [--out meta.json]
@@ -205,10 +206,28 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- demo
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="visualad-demo-output", metavar="DIR",
+                        help="output folder (default ./visualad-demo-output)")
+    parser.add_argument("--threads", type=int, metavar="T", help="CPU threads (default: all cores)")
+    _add_progress_argument(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(args.out, progress=args.progress, num_threads=args.threads)
+    return 0
+
+
 # ----------------------------------------------------------------------------- registry
 
 #: name -> (help, add_arguments(parser), run(args) -> exit status)
 COMMANDS = {
+    "demo": ("offline demo: the embedded default model on photographs with synthetic defects", _add_demo,
+             _run_demo),
     "eval": ("benchmark a detector on a dataset's test split (the paper's table)", _add_eval, _run_eval),
     "predict": ("score images and write overlays", _add_predict, _run_predict),
     "make-meta": ("write meta.json for a dataset in a folder/CSV layout", _add_make_meta, _run_make_meta),

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from . import _engine
+from ._files import atomic_write
 from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EngineBackbone, params_view
 from .checkpoint.safetensors import read_safetensors, save_safetensors
 from .errors import CheckpointError
@@ -79,16 +79,7 @@ def save_file(path, backbone: EngineBackbone, head: dict, settings: dict, backbo
         layout, _ = _engine.vit_layout(backbone.config)
         for name, shape, _offset in layout:
             tensors[f"backbone.{name}"] = params_view(backbone.params, layout, name)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".visualad-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_safetensors(tmp, tensors, {"visualad": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_safetensors(tmp, tensors, {"visualad": json.dumps(meta)}))
 
 
 def read_file(path):

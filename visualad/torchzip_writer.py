@@ -11,10 +11,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 
 import numpy as np
+
+from ._files import atomic_write
 
 _STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage",
             np.dtype(np.float16): "HalfStorage", np.dtype(np.int64): "LongStorage",
@@ -104,19 +105,14 @@ def save_torch_zip(path, obj) -> None:
     buf = io.BytesIO()
     _Pickler(buf, tensors).dump(_plain(obj))
     root = os.path.splitext(os.path.basename(os.fspath(path)))[0] or "archive"
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".visualad-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+
+    def write(tmp):
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
             z.writestr(f"{root}/data.pkl", buf.getvalue())
             z.writestr(f"{root}/byteorder", "little")
             for key, arr in tensors:
                 z.writestr(f"{root}/data/{key}", arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
             z.writestr(f"{root}/version", "3\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
