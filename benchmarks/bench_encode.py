@@ -20,6 +20,8 @@ from torch_eager import ClipVisualADTower, clip_flops  # noqa: E402
 
 import visualad  # noqa: E402
 
+DINOV2_CONFIGS = [("DINOv2-L/14", 1024, 24, 14, 37, 518, 1), ("DINOv2-L/14", 1024, 24, 14, 37, 518, 4)]
+
 CONFIGS = [  # name, width, depth, patch, native grid, image size, batch
     ("ViT-B/16", 768, 12, 16, 14, 224, 1),
     ("ViT-B/16", 768, 12, 16, 14, 224, 4),
@@ -48,6 +50,18 @@ def random_openai(width, depth, patch, grid, seed=0):
     return sd
 
 
+def dinov2_models(width, depth, size):
+    """transformers Dinov2Model (random init, SDPA attention) and the same weights for visualad."""
+    from transformers import Dinov2Config, Dinov2Model
+    from visualad.backbone import build_backbone
+    from visualad.checkpoint import load_backbone
+    torch.manual_seed(0)
+    hf = Dinov2Model(Dinov2Config(hidden_size=width, num_hidden_layers=depth, num_attention_heads=width // 64,
+                                  image_size=size, patch_size=14, layerscale_value=1.0)).eval()
+    bw = load_backbone({k: v.detach().numpy() for k, v in hf.state_dict().items()})
+    return hf, build_backbone(bw.tensors, bw.family, bw.hints)
+
+
 def median_time(fn, repeats):
     fn()  # warm-up
     times = []
@@ -63,28 +77,37 @@ def main():
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="only ViT-B/16 at 224")
+    ap.add_argument("--family", choices=("clip", "dinov2"), default="clip",
+                    help="clip: OpenAI-style towers vs nn.MultiheadAttention; dinov2: ViT-L/14 at 518 vs transformers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = 4096
     peak = 2 * n ** 3 / visualad._engine.sgemm_seconds(n, 3, args.threads) / 1e9
     print(f"threads={args.threads}  large-SGEMM peak (n={n}, engine BLAS): {peak:.1f} GFLOP/s  torch {torch.__version__}")
     print(f"{'model':9s} {'S':>4s} {'B':>2s} {'ours s':>8s} {'torch s':>8s} {'ratio':>6s} {'GFLOP/s':>8s} {'%peak':>6s}")
-    configs = CONFIGS[:2] if args.quick else CONFIGS
+    configs = DINOV2_CONFIGS if args.family == "dinov2" else (CONFIGS[:2] if args.quick else CONFIGS)
     cache = {}
     for name, width, depth, patch, grid, size, batch in configs:
         if name not in cache:
-            sd = random_openai(width, depth, patch, grid)
             cache.clear()
-            cache[name] = (sd, ClipVisualADTower.from_openai(sd))
-        sd, tmodel = cache[name]
+            if args.family == "dinov2":
+                cache[name] = dinov2_models(width, depth, size)
+            else:
+                sd = random_openai(width, depth, patch, grid)
+                cache[name] = (ClipVisualADTower.from_openai(sd), sd)
+        tmodel, backbone = cache[name]
         layers = [depth // 4, depth // 2, 3 * depth // 4, depth]
-        det = visualad.Detector(sd, image_size=size, layers=layers, num_threads=args.threads, batch_size=batch)
+        det = visualad.Detector(backbone, image_size=size, layers=layers, num_threads=args.threads, batch_size=batch)
         x = np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype(np.float32)
         xt = torch.from_numpy(x)
         det.encode(x)  # loads weights
         ours = median_time(lambda: det.encode(x), args.repeats)
+        if args.family == "dinov2":
+            run_ref = lambda: tmodel(pixel_values=xt, output_hidden_states=True)  # noqa: E731
+        else:
+            run_ref = lambda: tmodel(xt, layers)  # noqa: E731
         with torch.inference_mode():
-            ref = median_time(lambda: tmodel(xt, layers), args.repeats)
+            ref = median_time(run_ref, args.repeats)
         gflops = clip_flops(width, depth, patch, size, batch) / ours / 1e9
         print(f"{name:9s} {size:4d} {batch:2d} {ours:8.3f} {ref:8.3f} {ours / ref:6.2f} {gflops:8.1f} {100 * gflops / peak:5.1f}%",
               flush=True)

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 import scipy.ndimage
@@ -19,7 +17,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from bench_encode import random_openai  # noqa: E402
+from bench_encode import median_time, random_openai  # noqa: E402
 from torch_eager import ClipVisualADTower  # noqa: E402
 import reference as ref  # noqa: E402
 
@@ -44,16 +42,6 @@ def torch_maps(tower, head_t, x, layers, sigma, topk_ratio):
     k = math.ceil(S * S * topk_ratio)
     scores = torch.from_numpy(final).flatten(1).topk(k, dim=1).values.mean(1)
     return final, scores
-
-
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():

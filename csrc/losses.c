@@ -1,5 +1,7 @@
 #include "losses.h"
 
+#include "maps.h"
+
 #include <math.h>
 #include <string.h>
 
@@ -85,36 +87,9 @@ void vad_dice_backward(float *dlogits, const float *logits, const float *gt, int
 
 /* ------------------------------------------------------------------ top-k mean */
 
-/* The k-th largest value of a[0..n) (a is reordered): quickselect, descending. */
-static float kth_largest(float *a, int n, int k) {
-    int lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        float pivot = a[lo + (hi - lo) / 2];
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] > pivot) i++;
-            while (a[j] < pivot) j--;
-            if (i <= j) {
-                float t = a[i];
-                a[i] = a[j];
-                a[j] = t;
-                i++;
-                j--;
-            }
-        }
-        if (want <= j)
-            hi = j;
-        else if (want >= i)
-            lo = i;
-        else
-            return a[want]; /* between j and i every value equals the pivot */
-    }
-    return a[want];
-}
-
 double vad_topk_mean_forward(int *idx, const float *map, int n, int k, float *scratch) {
     memcpy(scratch, map, (size_t)n * sizeof(float));
-    float thr = kth_largest(scratch, n, k);
+    float thr = vad_kth_largest(scratch, n, k);
     int above = 0;
     for (int i = 0; i < n; i++) above += map[i] > thr;
     int ties = k - above, c = 0;

@@ -124,9 +124,8 @@ int vad_gaussian_filter(vad_pool *pool, float *x, int B, int H, int W, double si
 
 /* ------------------------------------------------------------------ top-k mean */
 
-/* Moves the k largest values of a[0..n) to a[0..k) (quickselect, descending). */
-static void select_top(float *a, int n, int k) {
-    int lo = 0, hi = n - 1;
+float vad_kth_largest(float *a, int n, int k) {
+    int lo = 0, hi = n - 1, want = k - 1;
     while (lo < hi) {
         float pivot = a[lo + (hi - lo) / 2];
         int i = lo, j = hi;
@@ -141,13 +140,14 @@ static void select_top(float *a, int n, int k) {
                 j--;
             }
         }
-        if (k - 1 <= j)
+        if (want <= j)
             hi = j;
-        else if (k - 1 >= i)
+        else if (want >= i)
             lo = i;
         else
-            break;
+            return a[want]; /* between j and i every value equals the pivot */
     }
+    return a[want];
 }
 
 typedef struct {
@@ -162,7 +162,7 @@ static void topk_task(void *vctx, int64_t begin, int64_t end, int tid) {
     float *buf = c->scratch + (size_t)tid * c->n;
     for (int64_t b = begin; b < end; b++) {
         memcpy(buf, c->maps + (size_t)b * c->n, (size_t)c->n * sizeof(float));
-        select_top(buf, c->n, c->k);
+        vad_kth_largest(buf, c->n, c->k);
         double s = 0.0;
         for (int i = 0; i < c->k; i++) s += buf[i];
         c->scores[b] = (float)(s / c->k);

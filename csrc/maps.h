@@ -15,6 +15,10 @@ int vad_cosine_contrast(vad_pool *pool, float *s, const float *P, const float *t
  * float32 output between axes). Kernel radius int(4*sigma + 0.5). sigma <= 0 is a no-op. */
 int vad_gaussian_filter(vad_pool *pool, float *x, int B, int H, int W, double sigma);
 
+/* The k-th largest value of a[0..n) (quickselect; a is reordered so that a[0..k) holds the k
+ * largest values). */
+float vad_kth_largest(float *a, int n, int k);
+
 /* scores[b] = mean of the k largest values of maps[b] ([B, n] each). */
 int vad_topk_mean(vad_pool *pool, float *scores, const float *maps, int B, int n, int k);
 
