@@ -188,3 +188,18 @@ def test_fit_rejects_bad_targets():
         det.fit(x, [0, 1], masks=[None])
     with pytest.raises(ValueError, match="dropout"):
         det.set_params(dropout=1.5).fit(x, [0, 1])
+
+
+def test_trained_head_survives_new_settings_and_fit_restarts():
+    size = 56
+    state = to_numpy(R.random_clip_state(64, 2, 14, 4, seed=19))
+    x, m, y = _textures(4, size, 20, True)
+    det = visualad.Detector(state, image_size=size, epochs=1, batch_size=4, num_threads=2)
+    det.fit(x, y, list(m))
+    trained = det.head_["anomaly_token"].copy()
+    maps = det.anomaly_maps(x)
+    det.set_params(num_threads=1)
+    np.testing.assert_array_equal(det.head_["anomaly_token"], trained)
+    np.testing.assert_allclose(det.anomaly_maps(x), maps, atol=1e-5)
+    det.fit(x, y, list(m))  # starts again from the fresh seeded head: same result
+    np.testing.assert_allclose(det.head_["anomaly_token"], trained, atol=1e-6)

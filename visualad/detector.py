@@ -122,17 +122,26 @@ class Detector:
         return n
 
     def _model(self):
-        """Loads (once, cached on the identity of the inputs) the backbone, engine and head."""
-        key = (id(self.backbone), id(self.head), self._threads())
-        if getattr(self, "_model_key", None) == key and getattr(self, "head_", None) is not None:
-            return self._engine_
-        bb = _load_backbone(self.backbone)
-        engine = _engine.Backbone(bb.config, bb.params, self._threads())
-        head = _load_head(self.head, bb.width)
-        self._backbone_, self._engine_ = bb, engine
-        self._model_key = key
-        self.head_ = head if head is not None else self._fresh_head(bb)
-        return engine
+        """Loads the backbone, engine and head once; each is rebuilt only when what it depends on
+        changes (a trained ``head_`` survives e.g. a new ``num_threads``)."""
+        if getattr(self, "_backbone_id", None) != id(self.backbone):
+            self._backbone_ = _load_backbone(self.backbone)
+            self._backbone_id = id(self.backbone)
+            self._engine_key = self._head_src = None
+        engine_key = (self._backbone_id, self._threads())
+        if self._engine_key != engine_key:
+            self._engine_ = _engine.Backbone(self._backbone_.config, self._backbone_.params, self._threads())
+            self._engine_key = engine_key
+        if self._head_src != id(self.head) or getattr(self, "head_", None) is None:
+            self._reset_head()
+        return self._engine_
+
+    def _reset_head(self):
+        """head_ from the ``head`` parameter, or a fresh seeded head."""
+        head = _load_head(self.head, self._backbone_.width)
+        self.head_ = head if head is not None else self._fresh_head(self._backbone_)
+        self._head_src = id(self.head)
+        self._head_version = getattr(self, "_head_version", 0) + 1
 
     def _fresh_head(self, bb: EngineBackbone) -> dict:
         layers = self.layers if self.layers is not None else default_layers(bb.depth)
@@ -197,9 +206,11 @@ class Detector:
         return {"layers": out_layers, "anomaly_token": np.concatenate(ta_all), "normal_token": np.concatenate(tn_all)}
 
     # ------------------------------------------------------------------ training
-    def _train_setup(self, X, y, masks):
+    def _train_setup(self, X, y, masks, fresh_start: bool):
         from .training import HeadBuffers, check_labels
         engine = self._model()
+        if fresh_start:
+            self._reset_head()  # fit starts from `head` if given, else from a fresh head
         size, layers = self._settings()
         src = self._source(X, size)
         labels = check_labels(y, masks, len(src))
@@ -214,7 +225,7 @@ class Detector:
         ``layer_transforms.layer_6.mlp.0.weight``, ``cross_attn.layer_attentions.layer_6.q_proj.weight``,
         ...). The gradient reaches t_a and t_n through the frozen backbone. Nothing is updated."""
         from .training import batch_targets, loss_and_grad
-        engine, size, layers, src, labels, buf = self._train_setup(X, y, masks)
+        engine, size, layers, src, labels, buf = self._train_setup(X, y, masks, fresh_start=False)
         d = float(dropout)
         if not 0.0 <= d < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -231,10 +242,11 @@ class Detector:
         ``learning_rate`` and the rest at ``head_learning_rate``, weight decay 0.01, cosine annealing
         per epoch (eta_min 1e-4), t_a/t_n gradients clipped separately to norm 1, NaN steps skipped,
         ``dropout`` in SAF and SCA. Progress (running loss terms) with ``progress=True``. If
-        interrupted, ``head_`` keeps the last completed step. Returns self."""
+        interrupted, ``head_`` keeps the last completed step. Each call starts again from ``head``
+        (or a fresh head); ``loss_and_grad`` evaluates the current ``head_``. Returns self."""
         from .progress import Progress
         from .training import adamw_update, batch_targets, epoch_lr, loss_and_grad, step_seed
-        engine, size, layers, src, labels, buf = self._train_setup(X, y, masks)
+        engine, size, layers, src, labels, buf = self._train_setup(X, y, masks, fresh_start=True)
         epochs, bs = int(self.epochs), self._batch_size()
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
