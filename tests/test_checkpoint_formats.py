@@ -25,6 +25,20 @@ def assert_same(bw: BackboneWeights, expected: dict):
         assert got.dtype == np.float32 and got.flags.c_contiguous, name
         assert got.shape == ref.shape, (name, got.shape, ref.shape)
         np.testing.assert_array_equal(got, ref, err_msg=name)
+    assert_same_encode(bw, expected)
+
+
+def assert_same_encode(bw: BackboneWeights, expected: dict):
+    """The loaded backbone encodes like the canonical dict (same architecture hints), <= 1e-6 relative,
+    at a non-native grid so that position resizing is exercised too."""
+    from visualad.backbone import build_backbone
+    loaded, reference = build_backbone(bw.tensors, bw.family, bw.hints), build_backbone(expected, bw.family, bw.hints)
+    size = loaded.config["patch"] * (loaded.config["grid"] + 1)
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    outs = [visualad.Detector(b, image_size=size, random_state=0, num_threads=1).encode(x) for b in (loaded, reference)]
+    for l, feat in outs[1]["layers"].items():
+        diff = np.abs(outs[0]["layers"][l] - feat).max() / np.abs(feat).max()
+        assert diff <= 1e-6, (l, diff)
 
 
 @pytest.fixture(scope="module")
