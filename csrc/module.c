@@ -73,6 +73,49 @@ static int read_int_list(PyObject *seq, int *out, int max, const char *what) {
     return (int)n;
 }
 
+/* Per-layer features (L arrays (B, N, D)) and two token arrays (B, D), all float32 and consistent.
+ * New references in feats/ta/tn (cleared on failure); returns 0 or -1 with an exception set. */
+static int parse_layer_inputs(int L, int D, PyObject *feats_obj, PyObject *ta_obj, PyObject *tn_obj,
+                              PyArrayObject **feats, const float **fptr, PyArrayObject **ta, PyArrayObject **tn,
+                              int *B, int *N) {
+    PyObject *fast = PySequence_Fast(feats_obj, "feats must be a sequence of arrays");
+    if (!fast) return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != L) {
+        PyErr_Format(PyExc_ValueError, "feats must hold %d layers", L);
+        goto fail;
+    }
+    for (int i = 0; i < L; i++) {
+        feats[i] = as_float_array(PySequence_Fast_GET_ITEM(fast, i), "feats[i]", 3);
+        if (!feats[i]) goto fail;
+        npy_intp *d = PyArray_DIMS(feats[i]);
+        if (i == 0) {
+            *B = (int)d[0];
+            *N = (int)d[1];
+        }
+        if (d[0] != *B || d[1] != *N || d[2] != D || d[0] < 1 || d[1] < 1) {
+            PyErr_Format(PyExc_ValueError, "feats[%d] must have shape (%d, %d, %d)", i, *B, *N, D);
+            goto fail;
+        }
+        fptr[i] = (const float *)PyArray_DATA(feats[i]);
+    }
+    *ta = as_float_array(ta_obj, "anomaly_token", 2);
+    *tn = *ta ? as_float_array(tn_obj, "normal_token", 2) : NULL;
+    if (!*ta || !*tn) goto fail;
+    if (PyArray_DIM(*ta, 0) != *B || PyArray_DIM(*ta, 1) != D || PyArray_DIM(*tn, 0) != *B ||
+        PyArray_DIM(*tn, 1) != D) {
+        PyErr_Format(PyExc_ValueError, "tokens must have shape (%d, %d)", *B, D);
+        goto fail;
+    }
+    Py_DECREF(fast);
+    return 0;
+fail:
+    Py_DECREF(fast);
+    for (int i = 0; i < L; i++) Py_CLEAR(feats[i]);
+    Py_CLEAR(*ta);
+    Py_CLEAR(*tn);
+    return -1;
+}
+
 /* ================================================================== backbone config */
 
 static int dict_int(PyObject *d, const char *key, int *out, int required) {
@@ -400,29 +443,14 @@ static PyObject *Backbone_encode_backward(BackboneObject *self, PyObject *args) 
         return NULL;
     }
     int D = vad_vit_get_config(self->vit)->width, L = self->train_layers, B = self->train_B, N = self->train_N;
-    PyObject *fast = PySequence_Fast(dfeats_obj, "dfeats must be a sequence of arrays");
-    if (!fast) return NULL;
     PyArrayObject *dfeats[MAX_LAYERS] = {0}, *dta = NULL, *dtn = NULL;
     PyObject *dtok = NULL, *dlnw = NULL, *dlnb = NULL, *result = NULL;
     const float *fptr[MAX_LAYERS];
-    if (PySequence_Fast_GET_SIZE(fast) != L) {
-        PyErr_Format(PyExc_ValueError, "dfeats must hold %d layers", L);
-        goto done;
-    }
-    for (int i = 0; i < L; i++) {
-        dfeats[i] = as_float_array(PySequence_Fast_GET_ITEM(fast, i), "dfeats[i]", 3);
-        if (!dfeats[i]) goto done;
-        if (PyArray_DIM(dfeats[i], 0) != B || PyArray_DIM(dfeats[i], 1) != N || PyArray_DIM(dfeats[i], 2) != D) {
-            PyErr_Format(PyExc_ValueError, "dfeats[%d] must have shape (%d, %d, %d)", i, B, N, D);
-            goto done;
-        }
-        fptr[i] = (const float *)PyArray_DATA(dfeats[i]);
-    }
-    dta = as_float_array(dta_obj, "dta", 2);
-    dtn = dta ? as_float_array(dtn_obj, "dtn", 2) : NULL;
-    if (!dta || !dtn) goto done;
-    if (PyArray_DIM(dta, 0) != B || PyArray_DIM(dta, 1) != D || PyArray_DIM(dtn, 0) != B || PyArray_DIM(dtn, 1) != D) {
-        PyErr_Format(PyExc_ValueError, "token gradients must have shape (%d, %d)", B, D);
+    int gB, gN;
+    if (parse_layer_inputs(L, D, dfeats_obj, dta_obj, dtn_obj, dfeats, fptr, &dta, &dtn, &gB, &gN)) return NULL;
+    if (gB != B || gN != N) {
+        PyErr_Format(PyExc_ValueError, "gradients must have shape (%d, %d, %d) / (%d, %d) like the last encode_train",
+                     B, N, D, B, D);
         goto done;
     }
     npy_intp tdims[2] = {2, D}, vdims[1] = {D};
@@ -444,7 +472,6 @@ static PyObject *Backbone_encode_backward(BackboneObject *self, PyObject *args) 
     }
     result = PyTuple_Pack(3, dtok, dlnw, dlnb);
 done:
-    Py_DECREF(fast);
     for (int i = 0; i < L; i++) Py_XDECREF(dfeats[i]);
     Py_XDECREF(dta);
     Py_XDECREF(dtn);
@@ -632,41 +659,15 @@ static PyObject *Head_maps(HeadObject *self, PyObject *args, PyObject *kwds) {
         PyErr_Format(PyExc_ValueError, "image_size %d is out of range", S);
         return NULL;
     }
-    PyObject *fast = PySequence_Fast(feats_obj, "feats must be a sequence of arrays");
-    if (!fast) return NULL;
     PyArrayObject *feats[VAD_HEAD_MAX_LAYERS] = {0};
     PyArrayObject *ta = NULL, *tn = NULL;
     PyObject *final_maps = NULL, *scores = NULL, *layer_maps = NULL, *tokens = NULL, *result = NULL;
     const float *fptr[VAD_HEAD_MAX_LAYERS];
     int B = -1, N = -1;
-    if (PySequence_Fast_GET_SIZE(fast) != L) {
-        PyErr_Format(PyExc_ValueError, "feats must hold %d layers", L);
-        goto done;
-    }
-    for (int i = 0; i < L; i++) {
-        feats[i] = as_float_array(PySequence_Fast_GET_ITEM(fast, i), "feats[i]", 3);
-        if (!feats[i]) goto done;
-        npy_intp *d = PyArray_DIMS(feats[i]);
-        if (i == 0) {
-            B = (int)d[0];
-            N = (int)d[1];
-        }
-        if (d[0] != B || d[1] != N || d[2] != D) {
-            PyErr_Format(PyExc_ValueError, "feats[%d] must have shape (%d, %d, %d)", i, B, N, D);
-            goto done;
-        }
-        fptr[i] = (const float *)PyArray_DATA(feats[i]);
-    }
+    if (parse_layer_inputs(L, D, feats_obj, ta_obj, tn_obj, feats, fptr, &ta, &tn, &B, &N)) return NULL;
     int g = (int)lround(sqrt((double)N));
-    if (B < 1 || g * g != N) {
+    if (g * g != N) {
         PyErr_Format(PyExc_ValueError, "feats hold %d patches: expected a square grid", N);
-        goto done;
-    }
-    ta = as_float_array(ta_obj, "anomaly_token", 2);
-    tn = ta ? as_float_array(tn_obj, "normal_token", 2) : NULL;
-    if (!ta || !tn) goto done;
-    if (PyArray_DIM(ta, 0) != B || PyArray_DIM(ta, 1) != D || PyArray_DIM(tn, 0) != B || PyArray_DIM(tn, 1) != D) {
-        PyErr_Format(PyExc_ValueError, "tokens must have shape (%d, %d)", B, D);
         goto done;
     }
     if (topk < 1 || (int64_t)topk > (int64_t)S * S) {
@@ -695,7 +696,6 @@ static PyObject *Head_maps(HeadObject *self, PyObject *args, PyObject *kwds) {
     }
     result = PyTuple_Pack(4, final_maps, scores, layer_maps ? layer_maps : Py_None, tokens ? tokens : Py_None);
 done:
-    Py_DECREF(fast);
     for (int i = 0; i < L; i++) Py_XDECREF(feats[i]);
     Py_XDECREF(ta);
     Py_XDECREF(tn);
@@ -944,47 +944,6 @@ static PyObject *py_aupro_anomalyclip(PyObject *self, PyObject *args) {
 
 /* Head inputs: feats (L arrays (B, N, D), square N), anomaly/normal tokens (B, D). On success the
  * arrays are new references the caller releases (feats[0..L), *ta, *tn). */
-static int train_inputs(const vad_head_config *c, PyObject *feats_obj, PyObject *ta_obj, PyObject *tn_obj,
-                        PyArrayObject **feats, const float **fptr, PyArrayObject **ta, PyArrayObject **tn, int *B,
-                        int *N) {
-    int D = c->width, L = c->n_layers;
-    PyObject *fast = PySequence_Fast(feats_obj, "feats must be a sequence of arrays");
-    if (!fast) return -1;
-    if (PySequence_Fast_GET_SIZE(fast) != L) {
-        PyErr_Format(PyExc_ValueError, "feats must hold %d layers", L);
-        goto fail;
-    }
-    for (int i = 0; i < L; i++) {
-        feats[i] = as_float_array(PySequence_Fast_GET_ITEM(fast, i), "feats[i]", 3);
-        if (!feats[i]) goto fail;
-        npy_intp *d = PyArray_DIMS(feats[i]);
-        if (i == 0) {
-            *B = (int)d[0];
-            *N = (int)d[1];
-        }
-        if (d[0] != *B || d[1] != *N || d[2] != D || d[0] < 1 || d[1] < 1) {
-            PyErr_Format(PyExc_ValueError, "feats[%d] must have shape (%d, %d, %d)", i, *B, *N, D);
-            goto fail;
-        }
-        fptr[i] = (const float *)PyArray_DATA(feats[i]);
-    }
-    *ta = as_float_array(ta_obj, "anomaly_token", 2);
-    *tn = *ta ? as_float_array(tn_obj, "normal_token", 2) : NULL;
-    if (!*ta || !*tn) goto fail;
-    if (PyArray_DIM(*ta, 0) != *B || PyArray_DIM(*ta, 1) != D || PyArray_DIM(*tn, 0) != *B ||
-        PyArray_DIM(*tn, 1) != D) {
-        PyErr_Format(PyExc_ValueError, "tokens must have shape (%d, %d)", *B, D);
-        goto fail;
-    }
-    Py_DECREF(fast);
-    return 0;
-fail:
-    Py_DECREF(fast);
-    for (int i = 0; i < L; i++) Py_CLEAR(feats[i]);
-    Py_CLEAR(*ta);
-    Py_CLEAR(*tn);
-    return -1;
-}
 
 /* obj converted (any numeric dtype) to a C-contiguous array of `type` with the given number of
  * elements along each of its nd dims. New reference. */
@@ -1046,7 +1005,8 @@ static PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *
     PyObject *grad = NULL, *dfeats = NULL, *dta = NULL, *dtn = NULL, *result = NULL;
     const float *fptr[VAD_HEAD_MAX_LAYERS];
     float *dptr[VAD_HEAD_MAX_LAYERS];
-    if (train_inputs(c, feats_obj, ta_obj, tn_obj, feats, fptr, &ta, &tn, &B, &N)) return NULL;
+    if (parse_layer_inputs(c->n_layers, c->width, feats_obj, ta_obj, tn_obj, feats, fptr, &ta, &tn, &B, &N))
+        return NULL;
     int g = (int)lround(sqrt((double)N));
     if (g * g != N) {
         PyErr_Format(PyExc_ValueError, "feats hold %d patches: expected a square grid", N);
