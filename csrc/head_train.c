@@ -57,42 +57,6 @@ void vad_dropout_backward(vad_pool *pool, float *dx, int64_t n, float p, uint64_
     dropout_mask_apply(pool, dx, n, p, stream);
 }
 
-/* ================================================================== GEMM over the pool */
-
-typedef struct {
-    int ta, tb, M, N, K, lda, ldb, ldc, split_rows;
-    float alpha, beta;
-    const float *A, *B;
-    float *C;
-} gemm_ctx;
-
-static void gemm_task(void *vctx, int64_t begin, int64_t end, int tid) {
-    (void)tid;
-    const gemm_ctx *c = (const gemm_ctx *)vctx;
-    int lo = (int)begin * 16, hi = (int)end * 16;
-    if (c->split_rows) {
-        if (hi > c->M) hi = c->M;
-        if (lo >= hi) return;
-        const float *A = c->ta ? c->A + lo : c->A + (size_t)lo * c->lda;
-        vad_sgemm(c->ta, c->tb, hi - lo, c->N, c->K, c->alpha, A, c->lda, c->B, c->ldb, c->beta,
-                  c->C + (size_t)lo * c->ldc, c->ldc);
-    } else {
-        if (hi > c->N) hi = c->N;
-        if (lo >= hi) return;
-        const float *Bp = c->tb ? c->B + (size_t)lo * c->ldb : c->B + lo;
-        vad_sgemm(c->ta, c->tb, c->M, hi - lo, c->K, c->alpha, c->A, c->lda, Bp, c->ldb, c->beta, c->C + lo,
-                  c->ldc);
-    }
-}
-
-void vad_gemm(vad_pool *pool, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
-              int lda, const float *B, int ldb, float beta, float *C, int ldc) {
-    if (M <= 0 || N <= 0) return;
-    gemm_ctx c = {trans_a, trans_b, M, N, K, lda, ldb, ldc, M >= N, alpha, beta, A, B, C};
-    int64_t units = ((c.split_rows ? M : N) + 15) / 16;
-    vad_parallel_for(pool, units, 1, gemm_task, &c);
-}
-
 /* ================================================================== small building blocks */
 
 /* out[c] += sum_r x[r, c] (bias gradients); parallel over blocks of columns, each summed in row

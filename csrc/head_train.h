@@ -44,11 +44,6 @@ void vad_dropout_forward(vad_pool *pool, float *x, int64_t n, float p, uint64_t 
 /* dx[i] *= mask_i: the same mask as the forward (gradient of y = mask * x). */
 void vad_dropout_backward(vad_pool *pool, float *dx, int64_t n, float p, uint64_t stream);
 
-/* C[M,N] = alpha op(A) op(B) + beta C (row-major), partitioned over the pool's workers by rows
- * of C (or columns when M is small). */
-void vad_gemm(vad_pool *pool, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
-              int lda, const float *B, int ldb, float beta, float *C, int ldc);
-
 /* feats[i]: [B,N,D] ln_post'd patch features of used layer i (N = g*g); ta, tn: [B,D] ln_post'd
  * final-block tokens (before SCA).
  * labels [B] (0/1). masks [B,S,S] ({0,1}; > 0.5 = anomalous) or NULL (all-normal masks).

@@ -11,86 +11,63 @@
 
 #define VAD_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 
-/* ---------------------------------------------------------------- linear */
+/* ---------------------------------------------------------------- GEMM over the pool */
 
 typedef struct {
-    float *out;
-    const float *in, *W, *bias;
-    int ldc, lda, M, N, K;
-    float beta;
-    int split_rows;
-} linear_ctx;
+    int ta, tb, M, N, K, lda, ldb, ldc, split_rows;
+    float alpha, beta;
+    const float *A, *B, *bias;
+    float *C;
+} gemm_ctx;
 
-static void linear_task(void *vctx, int64_t begin, int64_t end, int tid) {
+/* Each worker runs one sgemm on a block of rows of C (or of columns when M is small: the worker
+ * then packs only its share of B, usually the weights), then adds the bias to its block. */
+static void gemm_task(void *vctx, int64_t begin, int64_t end, int tid) {
     (void)tid;
-    linear_ctx *c = (linear_ctx *)vctx;
+    const gemm_ctx *c = (const gemm_ctx *)vctx;
+    int lo = (int)begin * 16, hi = (int)end * 16;
+    int m0 = 0, m1 = c->M, n0 = 0, n1 = c->N;
     if (c->split_rows) {
-        int m0 = (int)begin * 16, m1 = (int)end * 16;
-        if (m1 > c->M) m1 = c->M;
+        m0 = lo;
+        m1 = hi < c->M ? hi : c->M;
         if (m0 >= m1) return;
-        vad_sgemm(0, 1, m1 - m0, c->N, c->K, 1.0f, c->in + (size_t)m0 * c->lda, c->lda, c->W, c->K,
-                  c->beta, c->out + (size_t)m0 * c->ldc, c->ldc);
-        if (c->bias)
-            for (int m = m0; m < m1; m++) {
-                float *o = c->out + (size_t)m * c->ldc;
-                for (int n = 0; n < c->N; n++) o[n] += c->bias[n];
-            }
+        const float *A = c->ta ? c->A + m0 : c->A + (size_t)m0 * c->lda;
+        vad_sgemm(c->ta, c->tb, m1 - m0, c->N, c->K, c->alpha, A, c->lda, c->B, c->ldb, c->beta,
+                  c->C + (size_t)m0 * c->ldc, c->ldc);
     } else {
-        int n0 = (int)begin * 16, n1 = (int)end * 16;
-        if (n1 > c->N) n1 = c->N;
+        n0 = lo;
+        n1 = hi < c->N ? hi : c->N;
         if (n0 >= n1) return;
-        vad_sgemm(0, 1, c->M, n1 - n0, c->K, 1.0f, c->in, c->lda, c->W + (size_t)n0 * c->K, c->K,
-                  c->beta, c->out + n0, c->ldc);
-        if (c->bias)
-            for (int m = 0; m < c->M; m++) {
-                float *o = c->out + (size_t)m * c->ldc;
-                for (int n = n0; n < n1; n++) o[n] += c->bias[n];
-            }
+        const float *Bp = c->tb ? c->B + (size_t)n0 * c->ldb : c->B + n0;
+        vad_sgemm(c->ta, c->tb, c->M, n1 - n0, c->K, c->alpha, c->A, c->lda, Bp, c->ldb, c->beta, c->C + n0, c->ldc);
     }
+    if (c->bias)
+        for (int m = m0; m < m1; m++) {
+            float *o = c->C + (size_t)m * c->ldc;
+            for (int n = n0; n < n1; n++) o[n] += c->bias[n];
+        }
+}
+
+static void gemm_bias(vad_pool *pool, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                      int lda, const float *B, int ldb, float beta, float *C, int ldc, const float *bias) {
+    if (M <= 0 || N <= 0) return;
+    gemm_ctx c = {trans_a, trans_b, M, N, K, lda, ldb, ldc, M > N, alpha, beta, A, B, bias, C};
+    vad_parallel_for(pool, ((c.split_rows ? M : N) + 15) / 16, 1, gemm_task, &c);
+}
+
+void vad_gemm(vad_pool *pool, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+              int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm_bias(pool, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
 }
 
 void vad_linear(vad_pool *pool, float *out, int ldc, const float *in, int lda, const float *W,
                 const float *bias, int M, int N, int K, float beta) {
-    linear_ctx c = {out, in, W, bias, ldc, lda, M, N, K, beta, 1};
-    /* Each worker packs the operand it does not split: splitting the output columns packs the
-     * activations once per worker, splitting the rows packs the weights once per worker. Split
-     * so that the smaller operand is the one packed twice. */
-    c.split_rows = M > N;
-    int64_t units = c.split_rows ? (M + 15) / 16 : (N + 15) / 16;
-    vad_parallel_for(pool, units, 1, linear_task, &c);
-}
-
-
-/* din[M,K] = dout[M,N] . W[N,K] (the input gradient of vad_linear), partitioned like it. */
-typedef struct {
-    float *din;
-    const float *dout, *W;
-    int ldd, ldo, M, N, K;
-    float beta;
-    int split_rows;
-} linear_back_ctx;
-
-static void linear_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
-    (void)tid;
-    linear_back_ctx *c = (linear_back_ctx *)vctx;
-    int lo = (int)begin * 16, hi = (int)end * 16;
-    if (c->split_rows) {
-        if (hi > c->M) hi = c->M;
-        if (lo < hi)
-            vad_sgemm(0, 0, hi - lo, c->K, c->N, 1.0f, c->dout + (size_t)lo * c->ldo, c->ldo, c->W, c->K, c->beta,
-                      c->din + (size_t)lo * c->ldd, c->ldd);
-    } else {
-        if (hi > c->K) hi = c->K;
-        if (lo < hi)
-            vad_sgemm(0, 0, c->M, hi - lo, c->N, 1.0f, c->dout, c->ldo, c->W + lo, c->K, c->beta, c->din + lo, c->ldd);
-    }
+    gemm_bias(pool, 0, 1, M, N, K, 1.0f, in, lda, W, K, beta, out, ldc, bias);
 }
 
 void vad_linear_backward_input(vad_pool *pool, float *din, int ldd, const float *dout, int ldo, const float *W,
                                int M, int N, int K, float beta) {
-    linear_back_ctx c = {din, dout, W, ldd, ldo, M, N, K, beta, M > K};
-    int64_t units = c.split_rows ? (M + 15) / 16 : (K + 15) / 16;
-    vad_parallel_for(pool, units, 1, linear_back_task, &c);
+    gemm_bias(pool, 0, 0, M, K, N, 1.0f, dout, ldo, W, K, beta, din, ldd, NULL);
 }
 
 /* ---------------------------------------------------------------- layernorm */

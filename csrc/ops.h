@@ -10,6 +10,11 @@
 
 enum vad_activation { VAD_ACT_QUICK_GELU = 0, VAD_ACT_GELU = 1, VAD_ACT_SWIGLU = 2 };
 
+/* C[M,N] = alpha op(A) op(B) + beta C (row-major), partitioned over the pool's workers by rows
+ * of C (or by columns when M <= N, so each worker packs only its share of B). */
+void vad_gemm(vad_pool *pool, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+              int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
 /* out[M,N] = in[M,K] . W[N,K]^T (+ bias[N]) (+ beta*out). Rows of `in` and `out` use strides
  * lda / ldc. GEMMs are partitioned over rows (or columns when M is small). */
 void vad_linear(vad_pool *pool, float *out, int ldc, const float *in, int lda, const float *W,
