@@ -23,9 +23,12 @@ def test_round_trip_reproduces_maps(tmp_path, family):
     again = visualad.Detector.load(tmp_path / "det.safetensors")
     assert again.sigma == 2.0 and again.threshold == 0.1 and again.image_size == 70
     np.testing.assert_array_equal(again.anomaly_maps(x), want)
-    # the file also works as a backbone argument
-    other = visualad.Detector(str(tmp_path / "det.safetensors"), head=to_numpy(head), image_size=70, sigma=2.0)
+    # the file also works as a backbone argument, with its stored head unless another head is given
+    other = visualad.Detector(str(tmp_path / "det.safetensors"), image_size=70, sigma=2.0)
     np.testing.assert_array_equal(other.anomaly_maps(x), want)
+    fresh = visualad.Detector(str(tmp_path / "det.safetensors"), head=to_numpy(R.random_head(64, [1, 2], seed=9)),
+                              image_size=70, sigma=2.0)
+    assert not np.array_equal(fresh.anomaly_maps(x), want)
 
 
 def test_reference_only_file(tmp_path):

@@ -14,19 +14,21 @@ from .preprocess import ImageSource
 from .progress import Progress
 
 
-def _load_backbone(spec) -> EngineBackbone:
+def _load_backbone(spec) -> tuple[EngineBackbone, dict | None]:
+    """(backbone, the head stored with it or None): a visualad file (Detector.save, visualad
+    convert/train) carries its head, which is used when no `head` is given."""
     if isinstance(spec, EngineBackbone):
-        return spec
+        return spec, None
     if isinstance(spec, dict):
-        return build_backbone(spec)
+        return build_backbone(spec), None
     if isinstance(spec, (str, os.PathLike)):
         from .checkpoint import load_backbone
         from .savefile import is_visualad_file, read_file
         if is_visualad_file(spec):
-            backbone, backbone_path, _, _ = read_file(spec)
-            return backbone if backbone is not None else _load_backbone(backbone_path)
+            backbone, backbone_path, head, _ = read_file(spec)
+            return (backbone if backbone is not None else _load_backbone(backbone_path)[0]), head
         weights = load_backbone(spec)
-        return build_backbone(weights.tensors, weights.family, weights.hints)
+        return build_backbone(weights.tensors, weights.family, weights.hints), None
     raise TypeError(f"backbone must be a path or a dict of arrays, got {type(spec).__name__}")
 
 
@@ -125,7 +127,7 @@ class Detector:
         """Loads the backbone, engine and head once; each is rebuilt only when what it depends on
         changes (a trained ``head_`` survives e.g. a new ``num_threads``)."""
         if getattr(self, "_backbone_id", None) != id(self.backbone):
-            self._backbone_ = _load_backbone(self.backbone)
+            self._backbone_, self._stored_head = _load_backbone(self.backbone)
             self._backbone_id = id(self.backbone)
             self._engine_key = self._head_src = None
         engine_key = (self._backbone_id, self._threads())
@@ -137,8 +139,9 @@ class Detector:
         return self._engine_
 
     def _reset_head(self):
-        """head_ from the ``head`` parameter, or a fresh seeded head."""
-        head = _load_head(self.head, self._backbone_.width)
+        """head_ from the ``head`` parameter, else the head stored in a visualad backbone file, else a
+        fresh seeded head."""
+        head = _load_head(self.head if self.head is not None else self._stored_head, self._backbone_.width)
         self.head_ = head if head is not None else self._fresh_head(self._backbone_)
         self._head_src = id(self.head)
         self._head_version = getattr(self, "_head_version", 0) + 1
