@@ -89,7 +89,9 @@ static inline __attribute__((always_inline)) float lane_sum(const float *acc) {
     return s;
 }
 
-VAD_HOT static void ln_row(float *o, const float *x, const float *w, const float *b, int C, float eps) {
+/* mean and 1/sqrt(biased variance + eps) of one row, both passes vectorised. */
+static inline __attribute__((always_inline)) void row_stats(const float *x, int C, float eps, float *mean_out,
+                                                            float *rstd_out) {
     float acc[VAD_LANES] = {0};
     int i = 0;
     for (; i + VAD_LANES <= C; i += VAD_LANES)
@@ -106,8 +108,14 @@ VAD_HOT static void ln_row(float *o, const float *x, const float *w, const float
     float var = lane_sum(acc2);
     for (; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
     var /= (float)C;
-    float rstd = 1.0f / sqrtf(var + eps);
-    for (i = 0; i < C; i++) o[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    *mean_out = mean;
+    *rstd_out = 1.0f / sqrtf(var + eps);
+}
+
+VAD_HOT static void ln_row(float *o, const float *x, const float *w, const float *b, int C, float eps) {
+    float mean, rstd;
+    row_stats(x, C, eps, &mean, &rstd);
+    for (int i = 0; i < C; i++) o[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
 static void ln_task(void *vctx, int64_t begin, int64_t end, int tid) {
@@ -135,17 +143,9 @@ typedef struct {
 
 VAD_HOT static void ln_back_row(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
                                 int C, float eps) {
-    float acc[VAD_LANES] = {0};
-    int i = 0;
-    for (; i + VAD_LANES <= C; i += VAD_LANES)
-        for (int j = 0; j < VAD_LANES; j++) acc[j] += x[i + j];
-    float mean = lane_sum(acc);
-    for (; i < C; i++) mean += x[i];
-    mean /= (float)C;
-    float var = 0.0f;
-    for (i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
-    var /= (float)C;
-    float rstd = 1.0f / sqrtf(var + eps);
+    float mean, rstd;
+    row_stats(x, C, eps, &mean, &rstd);
+    int i;
     float s1 = 0.0f, s2 = 0.0f; /* mean of dxhat and of dxhat * xhat */
     for (i = 0; i < C; i++) {
         float xh = (x[i] - mean) * rstd, g = dy[i] * w[i];
