@@ -1,21 +1,20 @@
 """encode() vs the same model in PyTorch eager (same weights, same threads).
 
-Prints, per configuration: median times, the ratio ours / PyTorch, achieved GFLOP/s and the
-percentage of this machine's large-SGEMM peak measured in the same run (through the engine's BLAS
-and thread pool). Usage: python benchmarks/bench_encode.py [--threads N] [--repeats R] [--quick]
+Prints, per configuration: median times (the two timed alternately, see timing.py), the ratio
+ours / PyTorch, achieved GFLOP/s, the percentage of this machine's large-SGEMM peak measured in the
+same run (through the engine's BLAS and thread pool) and the CPU share the hypervisor took meanwhile. Usage: python benchmarks/bench_encode.py [--threads N] [--repeats R] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from timing import StealMeter, paired_medians  # noqa: E402
 from torch_eager import ClipVisualADTower, clip_flops  # noqa: E402
 
 import visualad  # noqa: E402
@@ -62,16 +61,6 @@ def dinov2_models(width, depth, size):
     return hf, build_backbone(bw.tensors, bw.family, bw.hints)
 
 
-def median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -84,7 +73,8 @@ def main():
     n = 4096
     peak = 2 * n ** 3 / visualad._engine.sgemm_seconds(n, 3, args.threads) / 1e9
     print(f"threads={args.threads}  large-SGEMM peak (n={n}, engine BLAS): {peak:.1f} GFLOP/s  torch {torch.__version__}")
-    print(f"{'model':9s} {'S':>4s} {'B':>2s} {'ours s':>8s} {'torch s':>8s} {'ratio':>6s} {'GFLOP/s':>8s} {'%peak':>6s}")
+    print(f"{'model':9s} {'S':>4s} {'B':>2s} {'ours s':>8s} {'torch s':>8s} {'ratio':>6s} {'GFLOP/s':>8s} {'%peak':>6s}"
+          f" {'steal':>6s}")
     configs = DINOV2_CONFIGS if args.family == "dinov2" else (CONFIGS[:2] if args.quick else CONFIGS)
     cache = {}
     for name, width, depth, patch, grid, size, batch in configs:
@@ -101,16 +91,15 @@ def main():
         x = np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype(np.float32)
         xt = torch.from_numpy(x)
         det.encode(x)  # loads weights
-        ours = median_time(lambda: det.encode(x), args.repeats)
         if args.family == "dinov2":
             run_ref = lambda: tmodel(pixel_values=xt, output_hidden_states=True)  # noqa: E731
         else:
             run_ref = lambda: tmodel(xt, layers)  # noqa: E731
-        with torch.inference_mode():
-            ref = median_time(run_ref, args.repeats)
+        with torch.inference_mode(), StealMeter() as steal:
+            ours, ref = paired_medians(lambda: det.encode(x), run_ref, args.repeats)
         gflops = clip_flops(width, depth, patch, size, batch) / ours / 1e9
-        print(f"{name:9s} {size:4d} {batch:2d} {ours:8.3f} {ref:8.3f} {ours / ref:6.2f} {gflops:8.1f} {100 * gflops / peak:5.1f}%",
-              flush=True)
+        print(f"{name:9s} {size:4d} {batch:2d} {ours:8.3f} {ref:8.3f} {ours / ref:6.2f} {gflops:8.1f} {100 * gflops / peak:5.1f}%"
+              f" {steal.percent:5.1f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from bench_encode import median_time, random_openai  # noqa: E402
+from bench_encode import random_openai  # noqa: E402
+from timing import median_time  # noqa: E402
 from torch_eager import ClipVisualADTower  # noqa: E402
 import reference as ref  # noqa: E402
 

@@ -13,6 +13,7 @@
 #include "head.h"
 #include "maps.h"
 #include "ops.h"
+#include "panel_gemm.h"
 #include "resize.h"
 #include "vit.h"
 
@@ -160,6 +161,8 @@ static int parse_vit_config(PyObject *d, vad_vit_config *c) {
     return 0;
 }
 
+static PyObject *layout_to_list(vad_tensor_entry *entries, int n, size_t total);
+
 static PyObject *py_vit_layout(PyObject *self, PyObject *arg) {
     (void)self;
     vad_vit_config cfg;
@@ -169,21 +172,9 @@ static PyObject *py_vit_layout(PyObject *self, PyObject *arg) {
     vad_tensor_entry *entries = (vad_tensor_entry *)PyMem_Calloc((size_t)n, sizeof(vad_tensor_entry));
     if (!entries) return PyErr_NoMemory();
     vad_vit_layout(&cfg, entries, n, &total);
-    PyObject *list = PyList_New(n);
-    for (int i = 0; list && i < n; i++) {
-        PyObject *shape = PyTuple_New(entries[i].ndim);
-        for (int k = 0; shape && k < entries[i].ndim; k++)
-            PyTuple_SET_ITEM(shape, k, PyLong_FromLong(entries[i].shape[k]));
-        PyObject *item = shape ? Py_BuildValue("(sNn)", entries[i].name, shape, (Py_ssize_t)entries[i].offset) : NULL;
-        if (!item) {
-            Py_CLEAR(list);
-            break;
-        }
-        PyList_SET_ITEM(list, i, item);
-    }
+    PyObject *res = layout_to_list(entries, n, total);
     PyMem_Free(entries);
-    if (!list) return NULL;
-    return Py_BuildValue("(Nn)", list, (Py_ssize_t)total);
+    return res;
 }
 
 /* ================================================================== Backbone type */
@@ -560,7 +551,9 @@ static PyObject *layout_to_list(vad_tensor_entry *entries, int n, size_t total) 
         PyObject *shape = PyTuple_New(entries[i].ndim);
         for (int k = 0; shape && k < entries[i].ndim; k++)
             PyTuple_SET_ITEM(shape, k, PyLong_FromLong(entries[i].shape[k]));
-        PyObject *item = shape ? Py_BuildValue("(sNn)", entries[i].name, shape, (Py_ssize_t)entries[i].offset) : NULL;
+        PyObject *item = shape ? Py_BuildValue("(sNni)", entries[i].name, shape, (Py_ssize_t)entries[i].offset,
+                                               entries[i].panel)
+                               : NULL;
         if (!item) {
             Py_CLEAR(list);
             break;
@@ -808,6 +801,90 @@ static PyObject *py_sgemm_seconds(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (rc) return raise_status(rc);
     return PyFloat_FromDouble(best);
+}
+
+/* The backbone's linear layer on its own: out (new, or given and accumulated) = act(x W^T + bias)
+ * with W stored in panels (visualad.backbone.write_tensor's layout). */
+static PyObject *py_panel_linear(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"x", "panels", "n_out", "bias", "out", "activation", "num_threads", NULL};
+    PyObject *x_obj, *p_obj, *b_obj = Py_None, *o_obj = Py_None;
+    int N, act = -1, nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOi|OOii", kwlist, &x_obj, &p_obj, &N, &b_obj, &o_obj, &act,
+                                     &nthreads))
+        return NULL;
+    if (N < 1 || act < -1 || act > VAD_ACT_GELU || nthreads < 1 || nthreads > 256) {
+        PyErr_SetString(PyExc_ValueError, "need n_out >= 1, activation in {-1, 0, 1}, 1 <= num_threads <= 256");
+        return NULL;
+    }
+    PyArrayObject *x = as_float_array(x_obj, "x", 2), *p = NULL, *b = NULL, *o = NULL;
+    PyObject *result = NULL;
+    if (!x) return NULL;
+    int M = (int)PyArray_DIM(x, 0), K = (int)PyArray_DIM(x, 1);
+    if (!(p = as_float_array(p_obj, "panels", 1))) goto done;
+    if (K < 1 || (size_t)PyArray_SIZE(p) != vad_panel_floats(N, K)) {
+        PyErr_Format(PyExc_ValueError, "panels has %zd floats, a [%d, %d] weight needs %zu", PyArray_SIZE(p), N, K,
+                     vad_panel_floats(N, K));
+        goto done;
+    }
+    if (b_obj != Py_None) {
+        if (!(b = as_float_array(b_obj, "bias", 1))) goto done;
+        if (PyArray_DIM(b, 0) != N) {
+            PyErr_Format(PyExc_ValueError, "bias has %zd values, expected %d", PyArray_DIM(b, 0), N);
+            goto done;
+        }
+    }
+    float beta = 0.0f;
+    if (o_obj != Py_None) {
+        if (!PyArray_Check(o_obj) || PyArray_TYPE((PyArrayObject *)o_obj) != NPY_FLOAT32 ||
+            PyArray_NDIM((PyArrayObject *)o_obj) != 2 || PyArray_DIM((PyArrayObject *)o_obj, 0) != M ||
+            PyArray_DIM((PyArrayObject *)o_obj, 1) != N || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o_obj) ||
+            !PyArray_ISWRITEABLE((PyArrayObject *)o_obj)) {
+            PyErr_Format(PyExc_ValueError, "out must be a writeable C-contiguous float32 array of shape (%d, %d)", M, N);
+            goto done;
+        }
+        o = (PyArrayObject *)o_obj;
+        Py_INCREF(o);
+        beta = 1.0f;
+    } else {
+        npy_intp dims[2] = {M, N};
+        if (!(o = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto done;
+    }
+    vad_pool *pool = vad_pool_create(nthreads);
+    float *scratch = pool ? (float *)malloc((size_t)vad_pool_size(pool) * vad_panel_scratch_floats() * sizeof(float))
+                          : NULL;
+    if (!scratch) {
+        vad_pool_free(pool);
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    vad_panel_linear(pool, scratch, (float *)PyArray_DATA(o), N, (const float *)PyArray_DATA(x), K,
+                     (const float *)PyArray_DATA(p), b ? (const float *)PyArray_DATA(b) : NULL, M, N, K, beta, act);
+    Py_END_ALLOW_THREADS
+    free(scratch);
+    vad_pool_free(pool);
+    result = (PyObject *)o;
+    o = NULL;
+done:
+    Py_XDECREF(x);
+    Py_XDECREF(p);
+    Py_XDECREF(b);
+    Py_XDECREF(o);
+    return result;
+}
+
+static PyObject *py_set_simd_gemm(PyObject *self, PyObject *arg) {
+    (void)self;
+    int enable = PyObject_IsTrue(arg);
+    if (enable < 0) return NULL;
+    return PyBool_FromLong(vad_panel_set_simd(enable));
+}
+
+static PyObject *py_simd_gemm_active(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(vad_panel_simd_active());
 }
 
 /* ====== metrics (begin) */
@@ -1205,7 +1282,8 @@ static PyObject *py_cosine_annealing_lr(PyObject *self, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"vit_layout", py_vit_layout, METH_O,
-     "vit_layout(config) -> ([(name, shape, offset), ...], total_floats): the weight buffer layout."},
+     "vit_layout(config) -> ([(name, shape, offset, panel), ...], total_floats): the weight buffer layout\n"
+     "(panel 0: row-major; else a linear weight [N, K] stored as ceil(N/panel) panels of [K, panel])."},
     {"binary_metrics", py_binary_metrics, METH_VARARGS,
      "binary_metrics(y_true uint8, y_score float32/64, num_threads) -> (auroc, ap, f1_max)"},
     {"aupro", py_aupro, METH_VARARGS,
@@ -1215,8 +1293,18 @@ static PyMethodDef module_methods[] = {
     {"sgemm_seconds", py_sgemm_seconds, METH_VARARGS,
      "sgemm_seconds(n, repeats, num_threads) -> best wall time of one n x n x n SGEMM through the engine's\n"
      "BLAS and thread pool (for peak-FLOP/s references in benchmarks)."},
+    {"panel_linear", (PyCFunction)(void (*)(void))py_panel_linear, METH_VARARGS | METH_KEYWORDS,
+     "panel_linear(x (M,K) float32, panels, n_out, bias=None, out=None, activation=-1, num_threads=1) -> out:\n"
+     "act(x W^T + bias (+ out when given, accumulated in place)) with W [n_out, K] stored in panels\n"
+     "(visualad.backbone.write_tensor); activation -1 none, 0 QuickGELU, 1 GELU (erf)."},
+    {"set_simd_gemm", py_set_simd_gemm, METH_O,
+     "set_simd_gemm(enable) -> previous: True runs the backbone's linear layers on the AVX-512 kernel when\n"
+     "the CPU has it (the default), False sends them through BLAS sgemm panel by panel (process-wide)."},
+    {"simd_gemm_active", py_simd_gemm_active, METH_NOARGS,
+     "simd_gemm_active() -> True when the backbone's linear layers run on the AVX-512 kernel."},
     {"head_layout", py_head_layout, METH_O,
-     "head_layout(config) -> ([(name, shape, offset), ...], total_floats): the head buffer layout."},
+     "head_layout(config) -> ([(name, shape, offset, panel), ...], total_floats): the head buffer layout\n"
+     "(every panel is 0: row-major)."},
     {"gaussian_filter", py_gaussian_filter, METH_VARARGS,
      "gaussian_filter(maps (B,H,W) float32, sigma, num_threads=1) -> filtered copy (SciPy 'reflect', truncate 4)."},
     {"adamw_step", (PyCFunction)(void (*)(void))py_adamw_step, METH_VARARGS | METH_KEYWORDS,

@@ -7,10 +7,9 @@
 
 #include "errors.h"
 #include "ops.h"
+#include "panel_gemm.h"
 #include "posembed.h"
 #include "vit_internal.h"
-
-
 
 /* ------------------------------------------------------------------ layout */
 
@@ -20,11 +19,17 @@ typedef struct {
     size_t total;
 } layout_builder;
 
-static const float *emit(layout_builder *lb, const float *base, const char *name, int ndim, int d0,
-                         int d1, int d2, int d3) {
+/* Appends one tensor. Plain tensors are stored row-major; with panel != 0 a linear weight
+ * [d0, d1] is stored in column panels (panel_gemm.h) starting on a 64-byte boundary. */
+static const float *emit_stored(layout_builder *lb, const float *base, const char *name, int panel, int ndim,
+                                int d0, int d1, int d2, int d3) {
     size_t size = 1;
     int dims[4] = {d0, d1, d2, d3};
     for (int i = 0; i < ndim; i++) size *= (size_t)dims[i];
+    if (panel) {
+        size = vad_panel_floats(d0, d1);
+        lb->total = (lb->total + 15) / 16 * 16;
+    }
     if (lb->entries && lb->count < lb->max) {
         vad_tensor_entry *e = &lb->entries[lb->count];
         snprintf(e->name, VAD_NAME_LEN, "%s", name);
@@ -32,11 +37,17 @@ static const float *emit(layout_builder *lb, const float *base, const char *name
         for (int i = 0; i < 4; i++) e->shape[i] = i < ndim ? dims[i] : 0;
         e->offset = lb->total;
         e->size = size;
+        e->panel = panel ? VAD_PANEL : 0;
     }
     const float *p = base ? base + lb->total : NULL;
     lb->count++;
     lb->total += size;
     return p;
+}
+
+static const float *emit(layout_builder *lb, const float *base, const char *name, int ndim, int d0, int d1,
+                         int d2, int d3) {
+    return emit_stored(lb, base, name, 0, ndim, d0, d1, d2, d3);
 }
 
 /* One walk over the tensors: names/shapes/offsets for the layout, pointers for the weights. */
@@ -60,24 +71,28 @@ static void walk_layout(const vad_vit_config *c, layout_builder *lb, const float
     for (int i = 0; i < c->depth; i++) {
         vad_block_weights bw;
         memset(&bw, 0, sizeof bw);
-#define BLK(field, suffix, nd, a, b)                                  \
-    snprintf(name, sizeof name, "blocks.%d.%s", i, suffix);         \
-    bw.field = emit(lb, base, name, nd, a, b, 0, 0)
+#define BLK_STORED(field, suffix, panel, nd, a, b)              \
+    snprintf(name, sizeof name, "blocks.%d.%s", i, suffix);     \
+    bw.field = emit_stored(lb, base, name, panel, nd, a, b, 0, 0)
+#define BLK(field, suffix, nd, a, b) BLK_STORED(field, suffix, 0, nd, a, b)
+#define LINEAR(field, suffix, a, b) BLK_STORED(field, suffix, 1, 2, a, b)
         BLK(ln1_w, "ln1.weight", 1, D, 0);
         BLK(ln1_b, "ln1.bias", 1, D, 0);
-        BLK(qkv_w, "qkv.weight", 2, 3 * D, D);
+        LINEAR(qkv_w, "qkv.weight", 3 * D, D);
         BLK(qkv_b, "qkv.bias", 1, 3 * D, 0);
-        BLK(proj_w, "proj.weight", 2, D, D);
+        LINEAR(proj_w, "proj.weight", D, D);
         BLK(proj_b, "proj.bias", 1, D, 0);
         if (c->layerscale) { BLK(ls1, "ls1", 1, D, 0); }
         BLK(ln2_w, "ln2.weight", 1, D, 0);
         BLK(ln2_b, "ln2.bias", 1, D, 0);
-        BLK(fc1_w, "fc1.weight", 2, fc1_out, D);
+        LINEAR(fc1_w, "fc1.weight", fc1_out, D);
         BLK(fc1_b, "fc1.bias", 1, fc1_out, 0);
-        BLK(fc2_w, "fc2.weight", 2, D, Hm);
+        LINEAR(fc2_w, "fc2.weight", D, Hm);
         BLK(fc2_b, "fc2.bias", 1, D, 0);
         if (c->layerscale) { BLK(ls2, "ls2", 1, D, 0); }
+#undef LINEAR
 #undef BLK
+#undef BLK_STORED
         if (w->blocks) w->blocks[i] = bw;
     }
     w->ln_post_w = emit(lb, base, "ln_post.weight", 1, D, 0, 0, 0);
@@ -125,6 +140,8 @@ vad_vit *vad_vit_create(const vad_vit_config *cfg, const float *params, int nthr
     walk_layout(cfg, &lb, params, &m->w);
     m->pool = vad_pool_create(nthreads);
     if (!m->pool) goto oom;
+    m->gemm_scratch = (float *)malloc((size_t)vad_pool_size(m->pool) * vad_panel_scratch_floats() * sizeof(float));
+    if (!m->gemm_scratch) goto oom;
     return m;
 oom:
     vad_vit_free(m);
@@ -139,6 +156,7 @@ void vad_vit_free(vad_vit *m) {
     free(m->pos_patch);
     free(m->ws);
     free(m->tws);
+    free(m->gemm_scratch);
     free(m);
 }
 
@@ -263,41 +281,40 @@ void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *
     int D = c->width, BT = B * T;
     vad_pool *pool = m->pool;
     vad_layernorm(pool, m->h, D, x, D, bw->ln1_w, bw->ln1_b, BT, D, c->ln_eps);
-    vad_linear(pool, m->qkv, 3 * D, m->h, D, bw->qkv_w, bw->qkv_b, BT, 3 * D, D, 0.0f);
+    vad_panel_linear(pool, m->gemm_scratch, m->qkv, 3 * D, m->h, D, bw->qkv_w, bw->qkv_b, BT, 3 * D, D, 0.0f, -1);
     vad_attention(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads);
     if (bw->ls1) {
-        vad_linear(pool, m->proj, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 0.0f);
+        vad_panel_linear(pool, m->gemm_scratch, m->proj, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 0.0f, -1);
         vad_residual_add(pool, x, m->proj, bw->ls1, BT, D);
     } else {
-        vad_linear(pool, x, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 1.0f);
+        vad_panel_linear(pool, m->gemm_scratch, x, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 1.0f, -1);
     }
 }
 
-void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, float *f, int B, int T) {
+void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, float *f, int B, int T, int act) {
     const vad_vit_config *c = &m->cfg;
     int D = c->width, BT = B * T;
     int fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * c->mlp_hidden : c->mlp_hidden;
     vad_layernorm(m->pool, m->h, D, x, D, bw->ln2_w, bw->ln2_b, BT, D, c->ln_eps);
-    vad_linear(m->pool, f, fc1_out, m->h, D, bw->fc1_w, bw->fc1_b, BT, fc1_out, D, 0.0f);
+    vad_panel_linear(m->pool, m->gemm_scratch, f, fc1_out, m->h, D, bw->fc1_w, bw->fc1_b, BT, fc1_out, D, 0.0f, act);
 }
 
 static void mlp_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int B, int T) {
     const vad_vit_config *c = &m->cfg;
     int D = c->width, BT = B * T, Hm = c->mlp_hidden;
     vad_pool *pool = m->pool;
-    vad_vit_mlp_in(m, bw, x, m->mlp, B, T);
+    int swiglu = c->activation == VAD_ACT_SWIGLU;
+    vad_vit_mlp_in(m, bw, x, m->mlp, B, T, swiglu ? -1 : c->activation); /* GELUs fused into fc1 */
     const float *hidden = m->mlp;
-    if (c->activation == VAD_ACT_SWIGLU) {
+    if (swiglu) {
         vad_swiglu(pool, m->mlp2, m->mlp, BT, Hm);
         hidden = m->mlp2;
-    } else {
-        vad_activation_inplace(pool, m->mlp, (int64_t)BT * Hm, c->activation);
     }
     if (bw->ls2) {
-        vad_linear(pool, m->h, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 0.0f);
+        vad_panel_linear(pool, m->gemm_scratch, m->h, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 0.0f, -1);
         vad_residual_add(pool, x, m->h, bw->ls2, BT, D);
     } else {
-        vad_linear(pool, x, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 1.0f);
+        vad_panel_linear(pool, m->gemm_scratch, x, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 1.0f, -1);
     }
 }
 

@@ -2,8 +2,8 @@
  *
  * Sequence: [inserted_0 .. inserted_{k-1}, cls, registers, patches]. Inserted tokens and cls get
  * the class position; registers get none; patches get the (resized) patch positions.
- * Weights live in one float buffer owned by the caller (layout: vad_vit_layout); the model keeps
- * a pointer to it. A model is used by one thread at a time. */
+ * Weights live in one float buffer owned by the caller (layout: vad_vit_layout; the block
+ * linear weights are stored in column panels, see panel_gemm.h); the model keeps a pointer to it. A model is used by one thread at a time. */
 #ifndef VAD_VIT_H
 #define VAD_VIT_H
 
@@ -44,7 +44,8 @@ typedef struct {
     char name[VAD_NAME_LEN];
     int ndim;
     int shape[4];
-    size_t offset, size; /* in floats */
+    size_t offset, size; /* in floats (size as stored) */
+    int panel;           /* 0: row-major; else a linear weight stored in panels of this width (panel_gemm.h) */
 } vad_tensor_entry;
 
 /* Checks the configuration; VAD_OK or VAD_ERR_VALUE with a message. */

@@ -7,6 +7,7 @@
 
 #include "errors.h"
 #include "ops.h"
+#include "panel_gemm.h"
 #include "vit_internal.h"
 
 static int ensure_train_workspace(vad_vit *m, int B, int T) {
@@ -16,7 +17,8 @@ static int ensure_train_workspace(vad_vit *m, int B, int T) {
     size_t D = (size_t)c->width, BT = (size_t)B * T, Hm = (size_t)c->mlp_hidden;
     size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * Hm : Hm;
     size_t n_scr = vad_attention_backward_scratch(T, vad_pool_size(m->pool));
-    size_t total = 4 * BT * D + 3 * BT * D + BT * fc1_out + BT * Hm + n_scr;
+    size_t n_w = fc1_out * D > 3 * D * D ? fc1_out * D : 3 * D * D;
+    size_t total = 4 * BT * D + 3 * BT * D + BT * fc1_out + BT * Hm + n_w + n_scr;
     m->tws = (float *)malloc(total * sizeof(float));
     if (!m->tws) {
         m->tws_B = 0;
@@ -29,10 +31,17 @@ static int ensure_train_workspace(vad_vit *m, int B, int T) {
     m->dqkv = p; p += 3 * BT * D;
     m->f = p; p += BT * fc1_out;
     m->dg = p; p += BT * Hm;
+    m->wtmp = p; p += n_w;
     m->scratch2 = p;
     m->tws_B = B;
     m->tws_T = T;
     return VAD_OK;
+}
+
+/* din[M, K] = dout[M, N] W for a block weight W[N, K] stored in panels. */
+static void linear_input_grad(vad_vit *m, float *din, const float *dout, const float *panels, int M, int N, int K) {
+    vad_panel_unpack(m->wtmp, panels, N, K);
+    vad_linear_backward_input(m->pool, din, K, dout, N, m->wtmp, M, N, K, 0.0f);
 }
 
 /* dy [B*T, D] holds dL/d(block output) on entry and dL/d(block input) on exit. */
@@ -45,14 +54,14 @@ static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *
     /* recompute: x1 = x + attention part, qkv, and the MLP pre-activation f */
     memcpy(m->x1, x_in, (size_t)BT * D * sizeof(float));
     vad_vit_attention_sublayer(m, bw, m->x1, B, T);
-    vad_vit_mlp_in(m, bw, m->x1, m->f, B, T);
+    vad_vit_mlp_in(m, bw, m->x1, m->f, B, T, -1);
     /* MLP branch */
     const float *dm = dy;
     if (bw->ls2) {
         for (size_t i = 0; i < (size_t)BT * D; i++) m->dtmp[i] = dy[i] * bw->ls2[i % D];
         dm = m->dtmp;
     }
-    vad_linear_backward_input(pool, m->dg, Hm, dm, D, bw->fc2_w, BT, D, Hm, 0.0f);
+    linear_input_grad(m, m->dg, dm, bw->fc2_w, BT, D, Hm);
     float *df = m->dg;
     if (swiglu) {
         df = m->mlp; /* forward MLP buffer is free here and holds [BT, 2Hm] */
@@ -60,7 +69,7 @@ static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *
     } else {
         vad_activation_backward(pool, m->dg, m->f, (int64_t)BT * Hm, c->activation);
     }
-    vad_linear_backward_input(pool, m->dtmp, D, df, fc1_out, bw->fc1_w, BT, fc1_out, D, 0.0f);
+    linear_input_grad(m, m->dtmp, df, bw->fc1_w, BT, fc1_out, D);
     memcpy(m->dx1, dy, (size_t)BT * D * sizeof(float));
     if ((rc = vad_layernorm_backward(pool, m->dx1, D, m->dtmp, D, m->x1, D, bw->ln2_w, NULL, NULL, BT, D, c->ln_eps)))
         return rc;
@@ -70,9 +79,9 @@ static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *
         for (size_t i = 0; i < (size_t)BT * D; i++) m->dtmp[i] = m->dx1[i] * bw->ls1[i % D];
         da = m->dtmp;
     }
-    vad_linear_backward_input(pool, m->h, D, da, D, bw->proj_w, BT, D, D, 0.0f);
+    linear_input_grad(m, m->h, da, bw->proj_w, BT, D, D);
     vad_attention_backward(pool, m->dqkv, m->h, m->qkv, m->scratch2, B, T, D, c->heads);
-    vad_linear_backward_input(pool, m->dtmp, D, m->dqkv, 3 * D, bw->qkv_w, BT, 3 * D, D, 0.0f);
+    linear_input_grad(m, m->dtmp, m->dqkv, bw->qkv_w, BT, 3 * D, D);
     memcpy(dy, m->dx1, (size_t)BT * D * sizeof(float));
     return vad_layernorm_backward(pool, dy, D, m->dtmp, D, x_in, D, bw->ln1_w, NULL, NULL, BT, D, c->ln_eps);
 }

@@ -10,6 +10,7 @@ struct vad_vit {
     const float *params;
     vad_vit_weights w;
     vad_pool *pool;
+    float *gemm_scratch; /* vad_panel_linear's per-worker scratch */
     /* patch positions resized to the current grid */
     int pos_grid;
     float *pos_patch;
@@ -21,13 +22,15 @@ struct vad_vit {
     int tws_B, tws_T;
     float *tws;
     float *dx1, *dtmp, *dqkv, *dg, *f, *x1, *scratch2;
+    float *wtmp; /* one block weight unpacked from its panels */
 };
 
 int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T);
 int vad_vit_ensure_positions(vad_vit *m, int g);
 /* x += ls1 * proj(attention(LN1(x))); leaves LN1(x) -> qkv in m->qkv (needed by the backward). */
 void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int B, int T);
-/* f = fc1(LN2(x)) (pre-activation; [B*T, fc1 width]). */
-void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, float *f, int B, int T);
+/* f = act(fc1(LN2(x))) ([B*T, fc1 width]); act -1 keeps the pre-activation (the backward needs it),
+ * else VAD_ACT_QUICK_GELU / VAD_ACT_GELU. */
+void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, float *f, int B, int T, int act);
 
 #endif

@@ -37,7 +37,7 @@ def segments(layout, key, epoch, epochs):
     lr_tok = _engine.cosine_annealing_lr(LR, ETA_MIN, epoch, epochs)
     lr_rest = _engine.cosine_annealing_lr(LR * 0.1, ETA_MIN, epoch, epochs)
     return [(off, int(np.prod(shape)), lr_tok if key[name] in TOKENS else lr_rest, WD)
-            for name, shape, off in layout]
+            for name, shape, off, _panel in layout]
 
 
 def test_ten_steps_match_torch_adamw():
@@ -55,20 +55,20 @@ def test_ten_steps_match_torch_adamw():
     for step in range(1, 11):
         epoch = (step - 1) // steps_per_epoch
         grads = np.empty(total, np.float32)
-        for name, shape, off in layout:
+        for name, shape, off, _panel in layout:
             n = int(np.prod(shape))
             # token gradients sometimes above, sometimes below the clipping norm
             scale = (1.5 if step % 2 else 0.05) if key[name] in TOKENS else 0.3
             grads[off:off + n] = rng.standard_normal(n).astype(np.float32) * scale
         # torch: the same gradients on the official tensors, clip t_a / t_n separately, step
         opt.zero_grad(set_to_none=True)
-        for name, shape, off in layout:
+        for name, shape, off, _panel in layout:
             t = flat_t[key[name]]
             t.grad = torch.from_numpy(grads[off:off + int(np.prod(shape))].copy()).reshape(t.shape)
         assert ref.clip_token_grads(head_t, 1.0)
         opt.step()
         # ours
-        for name, shape, off in layout:
+        for name, shape, off, _panel in layout:
             if key[name] in TOKENS:
                 norm = _engine.clip_grad_norm(grads[off:off + int(np.prod(shape))], 1.0)
                 clipped += norm > 1.0
@@ -82,7 +82,7 @@ def test_ten_steps_match_torch_adamw():
     worst = 0.0
     moved = 0
     start = pack_head(head, layers, 16, layout, total)
-    for name, shape, off in layout:
+    for name, shape, off, _panel in layout:
         n = int(np.prod(shape))
         want = flat_t[key[name]].detach().numpy().ravel()
         err = np.abs(params[off:off + n] - want).max()

@@ -15,11 +15,20 @@ CASES = [
     (128, 4, 16, 3, 48, 3, [2, 4]),     # native grid
     (256, 4, 14, 5, 42, 1, [1, 3]),     # grid 3 < native 5, 4 heads
     (128, 3, 14, 3, 70, 3, [3]),        # grid 5 > native 3, only the last layer
+    (320, 2, 16, 4, 224, 3, [1, 2]),    # 5 heads; MLP width 1280: two passes over K, 597 rows in 2 blocks
 ]
 
 
+@pytest.fixture(params=["simd", "blas"])
+def gemm_path(request):
+    """The backbone's linear layers on the AVX-512 kernel (where the CPU has it) or BLAS per panel."""
+    previous = visualad._engine.set_simd_gemm(request.param == "simd")
+    yield request.param
+    visualad._engine.set_simd_gemm(previous)
+
+
 @pytest.mark.parametrize("width,depth,patch,grid,size,batch,layers", CASES)
-def test_encode_matches_reference(width, depth, patch, grid, size, batch, layers):
+def test_encode_matches_reference(width, depth, patch, grid, size, batch, layers, gemm_path):
     state, head = clip_case(width, depth, patch, grid, layers, seed=width + depth + size)
     x = random_images(batch, size, seed=size)
     with torch.no_grad():

@@ -100,7 +100,7 @@ def compare(head, layers, layout, got, want):
     where = dict(_engine_names(head, layers))
     scale = max(float(np.linalg.norm(v.numpy())) for v in w_grads.values())
     checked = 0
-    for name, shape, off in layout:
+    for name, shape, off, _panel in layout:
         key = ".".join(where[name])
         size = int(np.prod(shape))
         ours = grad[off:off + size]
@@ -264,7 +264,7 @@ def test_grad_accumulates_into_a_given_buffer():
     out = eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k, grad=buf)[1]
     assert out is buf
     head_part = np.ones(total, bool)
-    for name, shape, off in layout[:4]:  # tokens and ln_post come first and stay untouched
+    for name, shape, off, _panel in layout[:4]:  # tokens and ln_post come first and stay untouched
         head_part[off:off + int(np.prod(shape))] = False
     np.testing.assert_allclose(buf[head_part], 0.5 + first[head_part], rtol=1e-6, atol=1e-7)
     assert (buf[~head_part] == 0.5).all()

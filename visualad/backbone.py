@@ -2,7 +2,8 @@
 
 Two canonical namings are accepted (API.md): OpenAI CLIP (``visual.*``) and DINOv2 hub
 (``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...). The engine stores all weights
-in one float32 buffer whose layout it defines itself (``_engine.vit_layout``)."""
+in one float32 buffer whose layout it defines itself (``_engine.vit_layout``): most tensors
+row-major, the blocks' linear weights in column panels (``write_tensor`` / ``read_tensor``)."""
 from __future__ import annotations
 
 import math
@@ -173,8 +174,9 @@ def build_backbone(tensors: dict, family: str | None = None, hints: dict | None 
     else:
         raise ValueError(f"unknown backbone family {family!r}")
     layout, total = _engine.vit_layout(cfg)
-    params = np.empty(total, dtype=np.float32)
-    for name, shape, offset in layout:
+    params = new_params(total)
+    for entry in layout:
+        name, shape = entry[0], entry[1]
         key = src[name]
         arr = _get(tensors, key)
         size = int(np.prod(shape))
@@ -185,14 +187,47 @@ def build_backbone(tensors: dict, family: str | None = None, hints: dict | None 
         flat = np.asarray(arr, dtype=np.float32).reshape(-1)
         if not np.isfinite(flat).all():
             raise ValueError(f"backbone weight '{key}' contains NaN or Inf")
-        params[offset:offset + size] = flat
-    ln_post = (params_view(params, layout, "ln_post.weight").copy(),
-               params_view(params, layout, "ln_post.bias").copy())
+        write_tensor(params, entry, flat)
+    ln_post = (read_tensor(params, layout, "ln_post.weight").copy(),
+               read_tensor(params, layout, "ln_post.bias").copy())
     return EngineBackbone(family, cfg, params, mean, std, ln_post)
 
 
-def params_view(params: np.ndarray, layout: list, name: str) -> np.ndarray:
-    for n, shape, offset in layout:
-        if n == name:
-            return params[offset:offset + int(np.prod(shape))].reshape(shape)
+def new_params(total: int) -> np.ndarray:
+    """A zeroed float32 buffer of `total` floats starting on a 64-byte boundary (the engine's
+    weight panels are laid out on cache-line boundaries relative to the buffer's start)."""
+    raw = np.zeros(total + 16, dtype=np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    return raw[start:start + total]
+
+
+def write_tensor(params: np.ndarray, entry: tuple, values: np.ndarray) -> None:
+    """Stores `values` (any shape with the entry's number of elements) at a layout entry
+    (name, shape, offset, panel): row-major, or for panel > 0 the weight [N, K] as ceil(N/panel)
+    panels [K, panel] (panel j, row k = W[j*panel : (j+1)*panel, k], zero past N)."""
+    _, shape, offset, panel = entry
+    size = int(np.prod(shape))
+    if not panel:
+        params[offset:offset + size] = np.asarray(values, np.float32).reshape(-1)
+        return
+    n, k = shape
+    full, rem = divmod(n, panel)
+    w = np.asarray(values, np.float32).reshape(n, k)
+    dst = params[offset:offset + (full + (rem > 0)) * panel * k].reshape(-1, k, panel)
+    dst[:full] = w[:full * panel].reshape(full, panel, k).transpose(0, 2, 1)
+    if rem:
+        dst[full, :, :rem] = w[full * panel:].T
+        dst[full, :, rem:] = 0.0
+
+
+def read_tensor(params: np.ndarray, layout: list, name: str) -> np.ndarray:
+    """The tensor `name` in its canonical shape: a view of `params`, or for a panel-stored weight
+    an unpacked copy."""
+    for entry_name, shape, offset, panel in layout:
+        if entry_name == name:
+            if not panel:
+                return params[offset:offset + int(np.prod(shape))].reshape(shape)
+            n, k = shape
+            stored = params[offset:offset + -(-n // panel) * panel * k].reshape(-1, k, panel)
+            return np.ascontiguousarray(stored.transpose(0, 2, 1).reshape(-1, k)[:n])
     raise KeyError(name)

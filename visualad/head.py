@@ -182,7 +182,7 @@ def pack_head(head: dict, layers: list[int], width: int, layout: list, total: in
     """The head's tensors in the engine's single buffer (layout from _engine.head_layout)."""
     params = np.empty(total, dtype=np.float32)
     where = dict(_engine_names(head, layers))
-    for name, shape, offset in layout:
+    for name, shape, offset, _panel in layout:
         node = head
         for part in where[name]:
             node = node[part]

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _engine
 from ._files import atomic_write
-from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EngineBackbone, params_view
+from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EngineBackbone, new_params, read_tensor, write_tensor
 from .checkpoint.safetensors import read_safetensors, save_safetensors
 from .errors import CheckpointError
 
@@ -77,8 +77,8 @@ def save_file(path, backbone: EngineBackbone, head: dict, settings: dict, backbo
     tensors = {f"head.{k}": np.asarray(v, np.float32) for k, v in flatten_head(head).items()}
     if include_backbone:
         layout, _ = _engine.vit_layout(backbone.config)
-        for name, shape, _offset in layout:
-            tensors[f"backbone.{name}"] = params_view(backbone.params, layout, name)
+        for entry in layout:
+            tensors[f"backbone.{entry[0]}"] = read_tensor(backbone.params, layout, entry[0])
     atomic_write(path, lambda tmp: save_safetensors(tmp, tensors, {"visualad": json.dumps(meta)}))
 
 
@@ -98,17 +98,18 @@ def read_file(path):
     if meta.get("backbone_path") is None:
         cfg = meta["backbone_config"]
         layout, total = _engine.vit_layout(cfg)
-        params = np.empty(total, np.float32)
-        for name, shape, offset in layout:
+        params = new_params(total)
+        for entry in layout:
+            name, shape = entry[0], entry[1]
             key = f"backbone.{name}"
             if key not in arrays:
                 raise CheckpointError(f"{path}: backbone tensor '{name}' is missing")
             arr = np.asarray(arrays[key], np.float32)
             if tuple(arr.shape) != tuple(shape):
                 raise CheckpointError(f"{path}: backbone tensor '{name}' has shape {arr.shape}, expected {shape}")
-            params[offset:offset + arr.size] = arr.reshape(-1)
+            write_tensor(params, entry, arr)
         family = meta["family"]
         mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
-        ln = (params_view(params, layout, "ln_post.weight").copy(), params_view(params, layout, "ln_post.bias").copy())
+        ln = (read_tensor(params, layout, "ln_post.weight").copy(), read_tensor(params, layout, "ln_post.bias").copy())
         backbone = EngineBackbone(family, dict(cfg), params, mean, std, ln)
     return backbone, meta.get("backbone_path"), head, meta.get("settings", {})

@@ -87,7 +87,7 @@ class HeadBuffers:
         self.grad = np.zeros_like(self.params)
         self.exp_avg = np.zeros_like(self.params)
         self.exp_avg_sq = np.zeros_like(self.params)
-        self.offsets = {name: (offset, int(np.prod(shape))) for name, shape, offset in self.layout}
+        self.offsets = {name: (offset, int(np.prod(shape))) for name, shape, offset, _panel in self.layout}
 
     @classmethod
     def from_head(cls, head: dict, layers: list, width: int, num_threads: int) -> "HeadBuffers":

@@ -1,0 +1,62 @@
+"""Timing helpers shared by the benchmarks.
+
+This machine is a VM whose CPU time can be taken by the host ("steal" in /proc/stat), in bursts:
+timing one implementation after the other lets a burst land on one side only. `paired_medians`
+therefore alternates the two calls repeat by repeat, and `StealMeter` reports how much CPU the
+host took while a benchmark ran, so a noisy run can be recognised as such."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def median_time(fn, repeats):
+    """Median wall time of `fn()` over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def paired_medians(fn_a, fn_b, repeats, warmup=1):
+    """Median wall times of `fn_a()` and `fn_b()`, timed alternately (a, b, a, b, ...) after
+    `warmup` calls of each."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _cpu_times():
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    values = [int(v) for v in fields]
+    return sum(values[:8]), (values[7] if len(values) > 7 else 0)
+
+
+class StealMeter:
+    """`with StealMeter() as m: ...` then `m.percent`: the share of CPU time the hypervisor took
+    from this VM during the block (None where /proc/stat is unavailable)."""
+
+    def __enter__(self):
+        self._start = _cpu_times()
+        self.percent = None
+        return self
+
+    def __exit__(self, *exc):
+        end = _cpu_times()
+        if self._start and end and end[0] > self._start[0]:
+            self.percent = 100.0 * (end[1] - self._start[1]) / (end[0] - self._start[0])
+        return False
