@@ -851,18 +851,14 @@ static PyObject *py_panel_linear(PyObject *self, PyObject *args, PyObject *kwds)
         if (!(o = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto done;
     }
     vad_pool *pool = vad_pool_create(nthreads);
-    float *scratch = pool ? (float *)malloc((size_t)vad_pool_size(pool) * vad_panel_scratch_floats() * sizeof(float))
-                          : NULL;
-    if (!scratch) {
-        vad_pool_free(pool);
+    if (!pool) {
         PyErr_NoMemory();
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    vad_panel_linear(pool, scratch, (float *)PyArray_DATA(o), N, (const float *)PyArray_DATA(x), K,
+    vad_panel_linear(pool, (float *)PyArray_DATA(o), N, (const float *)PyArray_DATA(x), K,
                      (const float *)PyArray_DATA(p), b ? (const float *)PyArray_DATA(b) : NULL, M, N, K, beta, act);
     Py_END_ALLOW_THREADS
-    free(scratch);
     vad_pool_free(pool);
     result = (PyObject *)o;
     o = NULL;

@@ -9,7 +9,7 @@
 
 #define MR 6                      /* rows of C per kernel call (6 x 64 accumulators = 24 zmm) */
 #define KC_MAX 1024               /* depth of one pass over K */
-#define BLOCK_FLOATS (256 * 1024) /* one worker's packed block of A: 1 MB, half an L2 */
+#define BLOCK_FLOATS (256 * 1024) /* rows of A one pass keeps in L2: 1 MB, half an L2 */
 
 static atomic_int simd_enabled = 1;
 
@@ -25,10 +25,8 @@ void vad_panel_unpack(float *W, const float *panels, int N, int K) {
     }
 }
 
-size_t vad_panel_scratch_floats(void) { return BLOCK_FLOATS; }
-
 typedef struct {
-    float *scratch, *C;
+    float *C;
     const float *A, *panels, *bias;
     int ldc, lda, M, N, K;
     float beta;
@@ -70,30 +68,18 @@ static void blas_task(void *vctx, int64_t j0, int64_t j1, int tid) {
 
 static int cpu_has_avx512(void) { return __builtin_cpu_supports("avx512f"); }
 
-/* A rows [m0, m0+mb), columns [k0, k0+kc) as micro-panels of MR rows: dst[(i*kc + k)*MR + r]
- * = A[m0 + i*MR + r][k0 + k], zero past the last row. */
-static void pack_rows(float *dst, const float *A, int lda, int m0, int mb, int k0, int kc) {
-    for (int i = 0; i < mb; i += MR) {
-        float *d = dst + (size_t)i * kc;
-        for (int r = 0; r < MR; r++) {
-            if (i + r < mb) {
-                const float *s = A + (size_t)(m0 + i + r) * lda + k0;
-                for (int k = 0; k < kc; k++) d[(size_t)k * MR + r] = s[k];
-            } else {
-                for (int k = 0; k < kc; k++) d[(size_t)k * MR + r] = 0.0f;
-            }
-        }
-    }
-}
-
-/* C[0:mr, 0:64 (masked)] (+)= a (MR x kc micro-panel) * b (kc x 64 panel rows) (+ bias).
+/* C[0:mr, 0:64 (masked)] (+)= A[0:mr, 0:kc] (rows lda apart) * b (kc x 64 panel rows) (+ bias).
+ * A is read in place: each k step broadcasts one value from each of the mr rows (six sequential
+ * streams the hardware prefetcher follows), so A needs no packing.
  * Every k step with (k & pf_mask) == 0 also asks for the next cache line from pf to be brought
  * into L2 (pf_mask < 0: none): the caller points pf at the weights it will need next. */
-VAD_AVX512 static inline __attribute__((always_inline)) void kernel(int kc, const float *a, const float *b, float *C,
+VAD_AVX512 static inline __attribute__((always_inline)) void kernel(int kc, const float *a, size_t lda, const float *b, float *C,
                                                                     int ldc, int mr, const __mmask16 *mk,
                                                                     int load_c, const float *bias, const char *pf,
                                                                     int pf_mask) {
     __m512 acc[MR][4];
+    const float *ar[MR];
+    for (int r = 0; r < MR; r++) ar[r] = a + (size_t)(r < mr ? r : 0) * lda;
     for (int v = 0; v < 4; v++) {
         __m512 bv = bias ? _mm512_maskz_loadu_ps(mk[v], bias + 16 * v) : _mm512_setzero_ps();
         for (int r = 0; r < MR; r++)
@@ -109,28 +95,27 @@ VAD_AVX512 static inline __attribute__((always_inline)) void kernel(int kc, cons
             pf += 64;
         }
         for (int r = 0; r < MR; r++) {
-            __m512 av = _mm512_set1_ps(a[r]);
+            __m512 av = _mm512_set1_ps(ar[r][k]);
             acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
             acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
             acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
         }
-        a += MR;
         b += VAD_PANEL;
     }
     for (int r = 0; r < mr; r++)
         for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16 * v, mk[v], acc[r][v]);
 }
 
-/* Panels [j0, j1) of C. Loops: K in passes of <= KC_MAX, rows in blocks that fit half an L2
- * (packed once per pass into this worker's scratch), then each panel over all micro-panels of
- * the block, so one panel's rows of W stay in L2 while A streams past them. The weights come
+/* Panels [j0, j1) of C. Loops: K in passes of <= KC_MAX, rows in blocks that fit half an L2,
+ * then each panel over all MR-row groups of the block, so one panel's rows of W stay in L2 while
+ * the block of A (also in L2) streams past them. The weights come
  * from memory once per call (a model's weights do not fit in cache): while a panel is in use,
  * its kernel calls prefetch the panel that comes next, spread evenly over them (bursts would
  * outrun the memory bandwidth). */
 VAD_AVX512 static void simd_task(void *vctx, int64_t j0, int64_t j1, int tid) {
     const panel_ctx *c = (const panel_ctx *)vctx;
-    float *buf = c->scratch + (size_t)tid * BLOCK_FLOATS;
+    (void)tid;
     int K = c->K, passes = (K + KC_MAX - 1) / KC_MAX, kc_step = (K + passes - 1) / passes;
     for (int k0 = 0; k0 < K; k0 += kc_step) {
         int kc = K - k0 < kc_step ? K - k0 : kc_step;
@@ -140,7 +125,6 @@ VAD_AVX512 static void simd_task(void *vctx, int64_t j0, int64_t j1, int tid) {
         int load_c = k0 > 0 || c->beta != 0.0f, last_pass = k0 + kc == K;
         for (int m0 = 0; m0 < c->M; m0 += mc_step) {
             int mb = c->M - m0 < mc_step ? c->M - m0 : mc_step;
-            pack_rows(buf, c->A, c->lda, m0, mb, k0, kc);
             for (int64_t j = j0; j < j1; j++) {
                 int n0 = (int)j * VAD_PANEL, left = c->N - n0;
                 __mmask16 mk[4];
@@ -164,7 +148,7 @@ VAD_AVX512 static void simd_task(void *vctx, int64_t j0, int64_t j1, int tid) {
                     int pf_mask = kn < K && first < lines ? every - 1 : -1;
                     float *tile = c->C + (size_t)(m0 + i) * c->ldc + n0;
                     int rows = mb - i < MR ? mb - i : MR;
-                    kernel(kc, buf + (size_t)i * kc, bp, tile, c->ldc, rows, mk, load_c, bias, next + first * 64,
+                    kernel(kc, c->A + (size_t)(m0 + i) * c->lda + k0, (size_t)c->lda, bp, tile, c->ldc, rows, mk, load_c, bias, next + first * 64,
                            pf_mask);
                     if (last_pass && c->act >= 0)
                         activate(tile, c->ldc, rows, left < VAD_PANEL ? left : VAD_PANEL, c->act);
@@ -185,10 +169,10 @@ int vad_panel_set_simd(int enable) {
     return prev;
 }
 
-void vad_panel_linear(vad_pool *pool, float *scratch, float *C, int ldc, const float *A, int lda,
-                      const float *panels, const float *bias, int M, int N, int K, float beta, int act) {
+void vad_panel_linear(vad_pool *pool, float *C, int ldc, const float *A, int lda, const float *panels,
+                      const float *bias, int M, int N, int K, float beta, int act) {
     if (M <= 0 || N <= 0) return;
-    panel_ctx c = {scratch, C, A, panels, bias, ldc, lda, M, N, K, beta, act};
+    panel_ctx c = {C, A, panels, bias, ldc, lda, M, N, K, beta, act};
     int64_t n_panels = (N + VAD_PANEL - 1) / VAD_PANEL;
 #if defined(__x86_64__) || defined(__i386__)
     if (vad_panel_simd_active() && K > 0) {

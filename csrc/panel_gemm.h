@@ -21,15 +21,12 @@ size_t vad_panel_floats(int N, int K);
 /* W[N,K] (row-major) from its panels. */
 void vad_panel_unpack(float *W, const float *panels, int N, int K);
 
-/* Scratch (floats) one worker needs; a call needs vad_pool_size(pool) times this. */
-size_t vad_panel_scratch_floats(void);
-
 /* C[M,N] (stride ldc) = act(A[M,K] (stride lda) W^T + bias (may be NULL) + beta * C), beta 0 or 1;
  * act: VAD_ACT_QUICK_GELU or VAD_ACT_GELU (ops.h), or -1 for none.
  * Every element of C is computed by one worker in a fixed order: the result does not depend
  * on the number of threads or on M. */
-void vad_panel_linear(vad_pool *pool, float *scratch, float *C, int ldc, const float *A, int lda,
-                      const float *panels, const float *bias, int M, int N, int K, float beta, int act);
+void vad_panel_linear(vad_pool *pool, float *C, int ldc, const float *A, int lda, const float *panels,
+                      const float *bias, int M, int N, int K, float beta, int act);
 
 /* 1: use the AVX-512 kernel when the CPU has it (the default); 0: BLAS for every panel.
  * Returns the previous setting. */

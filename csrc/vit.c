@@ -140,8 +140,6 @@ vad_vit *vad_vit_create(const vad_vit_config *cfg, const float *params, int nthr
     walk_layout(cfg, &lb, params, &m->w);
     m->pool = vad_pool_create(nthreads);
     if (!m->pool) goto oom;
-    m->gemm_scratch = (float *)malloc((size_t)vad_pool_size(m->pool) * vad_panel_scratch_floats() * sizeof(float));
-    if (!m->gemm_scratch) goto oom;
     return m;
 oom:
     vad_vit_free(m);
@@ -156,7 +154,6 @@ void vad_vit_free(vad_vit *m) {
     free(m->pos_patch);
     free(m->ws);
     free(m->tws);
-    free(m->gemm_scratch);
     free(m);
 }
 
@@ -281,13 +278,13 @@ void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *
     int D = c->width, BT = B * T;
     vad_pool *pool = m->pool;
     vad_layernorm(pool, m->h, D, x, D, bw->ln1_w, bw->ln1_b, BT, D, c->ln_eps);
-    vad_panel_linear(pool, m->gemm_scratch, m->qkv, 3 * D, m->h, D, bw->qkv_w, bw->qkv_b, BT, 3 * D, D, 0.0f, -1);
+    vad_panel_linear(pool, m->qkv, 3 * D, m->h, D, bw->qkv_w, bw->qkv_b, BT, 3 * D, D, 0.0f, -1);
     vad_attention(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads);
     if (bw->ls1) {
-        vad_panel_linear(pool, m->gemm_scratch, m->proj, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 0.0f, -1);
+        vad_panel_linear(pool, m->proj, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 0.0f, -1);
         vad_residual_add(pool, x, m->proj, bw->ls1, BT, D);
     } else {
-        vad_panel_linear(pool, m->gemm_scratch, x, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 1.0f, -1);
+        vad_panel_linear(pool, x, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 1.0f, -1);
     }
 }
 
@@ -296,7 +293,7 @@ void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, flo
     int D = c->width, BT = B * T;
     int fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * c->mlp_hidden : c->mlp_hidden;
     vad_layernorm(m->pool, m->h, D, x, D, bw->ln2_w, bw->ln2_b, BT, D, c->ln_eps);
-    vad_panel_linear(m->pool, m->gemm_scratch, f, fc1_out, m->h, D, bw->fc1_w, bw->fc1_b, BT, fc1_out, D, 0.0f, act);
+    vad_panel_linear(m->pool, f, fc1_out, m->h, D, bw->fc1_w, bw->fc1_b, BT, fc1_out, D, 0.0f, act);
 }
 
 static void mlp_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int B, int T) {
@@ -311,10 +308,10 @@ static void mlp_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int 
         hidden = m->mlp2;
     }
     if (bw->ls2) {
-        vad_panel_linear(pool, m->gemm_scratch, m->h, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 0.0f, -1);
+        vad_panel_linear(pool, m->h, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 0.0f, -1);
         vad_residual_add(pool, x, m->h, bw->ls2, BT, D);
     } else {
-        vad_panel_linear(pool, m->gemm_scratch, x, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 1.0f, -1);
+        vad_panel_linear(pool, x, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 1.0f, -1);
     }
 }
 

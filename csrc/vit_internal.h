@@ -10,7 +10,6 @@ struct vad_vit {
     const float *params;
     vad_vit_weights w;
     vad_pool *pool;
-    float *gemm_scratch; /* vad_panel_linear's per-worker scratch */
     /* patch positions resized to the current grid */
     int pos_grid;
     float *pos_patch;
