@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from bench_encode import random_openai  # noqa: E402
-from timing import median_time  # noqa: E402
+from timing import StealMeter, paired_medians  # noqa: E402
 from torch_eager import ClipVisualADTower  # noqa: E402
 import reference as ref  # noqa: E402
 
@@ -53,7 +53,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads}  torch {torch.__version__}")
-    print(f"{'model':9s} {'S':>4s} {'B':>2s} {'ours s':>8s} {'torch s':>8s} {'ratio':>6s} {'max|diff|':>10s}")
+    print(f"{'model':9s} {'S':>4s} {'B':>2s} {'ours s':>8s} {'torch s':>8s} {'ratio':>6s} {'max|diff|':>10s} {'steal':>6s}")
     for name, width, depth, patch, grid, size, batch in (CONFIGS[:1] if args.quick else CONFIGS):
         sd = random_openai(width, depth, patch, grid)
         layers = [depth // 4, depth // 2, 3 * depth // 4, depth]
@@ -64,12 +64,13 @@ def main():
         x = np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype(np.float32)
         xt = torch.from_numpy(x)
         ours_maps = det.anomaly_maps(x)
-        ours = median_time(lambda: det.anomaly_maps(x), args.repeats)
-        with torch.inference_mode():
+        with torch.inference_mode(), StealMeter() as steal:
             ref_maps, _ = torch_maps(tower, head_t, xt, layers, 4.0, 0.01)
-            theirs = median_time(lambda: torch_maps(tower, head_t, xt, layers, 4.0, 0.01), args.repeats)
+            ours, theirs = paired_medians(lambda: det.anomaly_maps(x),
+                                          lambda: torch_maps(tower, head_t, xt, layers, 4.0, 0.01), args.repeats)
         diff = float(np.abs(ours_maps - ref_maps).max())
-        print(f"{name:9s} {size:4d} {batch:2d} {ours:8.3f} {theirs:8.3f} {ours / theirs:6.2f} {diff:10.2e}", flush=True)
+        print(f"{name:9s} {size:4d} {batch:2d} {ours:8.3f} {theirs:8.3f} {ours / theirs:6.2f} {diff:10.2e}"
+              f" {steal.percent:5.1f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,6 @@ import statistics
 import time
 
 
-def median_time(fn, repeats):
-    """Median wall time of `fn()` over `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def paired_medians(fn_a, fn_b, repeats, warmup=1):
     """Median wall times of `fn_a()` and `fn_b()`, timed alternately (a, b, a, b, ...) after
     `warmup` calls of each."""
