@@ -208,13 +208,21 @@ VAD_HOT static void gelu_span(float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] = vad_gelu_erf(x[i]);
 }
 
+static void act_span(float *x, int64_t n, int act) {
+    if (act == VAD_ACT_GELU)
+        gelu_span(x, n);
+    else
+        quick_gelu_span(x, n);
+}
+
 static void act_task(void *vctx, int64_t begin, int64_t end, int tid) {
     (void)tid;
     act_ctx *c = (act_ctx *)vctx;
-    if (c->act == VAD_ACT_GELU)
-        gelu_span(c->x + begin, end - begin);
-    else
-        quick_gelu_span(c->x + begin, end - begin);
+    act_span(c->x + begin, end - begin, c->act);
+}
+
+void vad_activation_rows(float *x, int ld, int rows, int cols, int act) {
+    for (int r = 0; r < rows; r++) act_span(x + (size_t)r * ld, cols, act);
 }
 
 void vad_activation_inplace(vad_pool *pool, float *x, int64_t n, int act) {

@@ -34,6 +34,8 @@ int vad_layernorm_backward(vad_pool *pool, float *dx, int ld_dx, const float *do
 
 /* x[i] = act(x[i]) over n elements (QuickGELU or exact GELU). */
 void vad_activation_inplace(vad_pool *pool, float *x, int64_t n, int act);
+/* The same over rows x cols of x (stride ld), in the calling thread. */
+void vad_activation_rows(float *x, int ld, int rows, int cols, int act);
 
 /* d[i] *= act'(f[i]) (f: the pre-activation values). */
 void vad_activation_backward(vad_pool *pool, float *d, const float *f, int64_t n, int act);

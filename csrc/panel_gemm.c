@@ -4,7 +4,6 @@
 #include <stdint.h>
 
 #include "blas.h"
-#include "mathfun.h"
 #include "ops.h"
 
 #define MR 6                      /* rows of C per kernel call (6 x 64 accumulators = 24 zmm) */
@@ -33,17 +32,6 @@ typedef struct {
     int act;
 } panel_ctx;
 
-/* The activation applied in place to rows x w of C (stride ldc); act < 0: none. */
-static inline __attribute__((always_inline)) void activate(float *C, int ldc, int rows, int w, int act) {
-    for (int r = 0; r < rows; r++) {
-        float *o = C + (size_t)r * ldc;
-        if (act == VAD_ACT_GELU)
-            for (int n = 0; n < w; n++) o[n] = vad_gelu_erf(o[n]);
-        else if (act == VAD_ACT_QUICK_GELU)
-            for (int n = 0; n < w; n++) o[n] = vad_quick_gelu(o[n]);
-    }
-}
-
 /* Every panel through BLAS: C[:, 64j : 64j+w] = A P_j (P_j is [K][64], row-major). */
 static void blas_task(void *vctx, int64_t j0, int64_t j1, int tid) {
     (void)tid;
@@ -57,7 +45,7 @@ static void blas_task(void *vctx, int64_t j0, int64_t j1, int tid) {
                 float *o = c->C + (size_t)m * c->ldc + n0;
                 for (int n = 0; n < w; n++) o[n] += c->bias[n0 + n];
             }
-        if (c->act >= 0) activate(c->C + n0, c->ldc, c->M, w, c->act);
+        if (c->act >= 0) vad_activation_rows(c->C + n0, c->ldc, c->M, w, c->act);
     }
 }
 
@@ -73,10 +61,10 @@ static int cpu_has_avx512(void) { return __builtin_cpu_supports("avx512f"); }
  * streams the hardware prefetcher follows), so A needs no packing.
  * Every k step with (k & pf_mask) == 0 also asks for the next cache line from pf to be brought
  * into L2 (pf_mask < 0: none): the caller points pf at the weights it will need next. */
-VAD_AVX512 static inline __attribute__((always_inline)) void kernel(int kc, const float *a, size_t lda, const float *b, float *C,
-                                                                    int ldc, int mr, const __mmask16 *mk,
-                                                                    int load_c, const float *bias, const char *pf,
-                                                                    int pf_mask) {
+VAD_AVX512 static inline __attribute__((always_inline)) void kernel(int kc, const float *a, size_t lda,
+                                                                    const float *b, float *C, int ldc, int mr,
+                                                                    const __mmask16 *mk, int load_c, const float *bias,
+                                                                    const char *pf, int pf_mask) {
     __m512 acc[MR][4];
     const float *ar[MR];
     for (int r = 0; r < MR; r++) ar[r] = a + (size_t)(r < mr ? r : 0) * lda;
@@ -109,10 +97,9 @@ VAD_AVX512 static inline __attribute__((always_inline)) void kernel(int kc, cons
 
 /* Panels [j0, j1) of C. Loops: K in passes of <= KC_MAX, rows in blocks that fit half an L2,
  * then each panel over all MR-row groups of the block, so one panel's rows of W stay in L2 while
- * the block of A (also in L2) streams past them. The weights come
- * from memory once per call (a model's weights do not fit in cache): while a panel is in use,
- * its kernel calls prefetch the panel that comes next, spread evenly over them (bursts would
- * outrun the memory bandwidth). */
+ * the block of A (also in L2) streams past them. The weights come from memory once per call (a
+ * model's weights do not fit in cache): while a panel is in use, its kernel calls prefetch the
+ * panel that comes next, spread evenly over them (bursts would outrun the memory bandwidth). */
 VAD_AVX512 static void simd_task(void *vctx, int64_t j0, int64_t j1, int tid) {
     const panel_ctx *c = (const panel_ctx *)vctx;
     (void)tid;
@@ -148,10 +135,10 @@ VAD_AVX512 static void simd_task(void *vctx, int64_t j0, int64_t j1, int tid) {
                     int pf_mask = kn < K && first < lines ? every - 1 : -1;
                     float *tile = c->C + (size_t)(m0 + i) * c->ldc + n0;
                     int rows = mb - i < MR ? mb - i : MR;
-                    kernel(kc, c->A + (size_t)(m0 + i) * c->lda + k0, (size_t)c->lda, bp, tile, c->ldc, rows, mk, load_c, bias, next + first * 64,
-                           pf_mask);
+                    kernel(kc, c->A + (size_t)(m0 + i) * c->lda + k0, (size_t)c->lda, bp, tile, c->ldc, rows, mk,
+                           load_c, bias, next + first * 64, pf_mask);
                     if (last_pass && c->act >= 0)
-                        activate(tile, c->ldc, rows, left < VAD_PANEL ? left : VAD_PANEL, c->act);
+                        vad_activation_rows(tile, c->ldc, rows, left < VAD_PANEL ? left : VAD_PANEL, c->act);
                 }
             }
         }
