@@ -56,7 +56,7 @@ def test_write_and_read_round_trip():
     for n, k in [(1, 1), (63, 5), (64, 7), (65, 3), (200, 33)]:
         w = rng.standard_normal((n, k)).astype(np.float32)
         buf = panels_of(w)
-        assert np.array_equal(read_tensor(buf, [("w", (n, k), 0, PANEL)], "w"), w)
+        assert np.array_equal(read_tensor(buf, ("w", (n, k), 0, PANEL)), w)
         # panel j, row kk holds w[64 j : 64 j + 64, kk], zero past n
         stored = buf.reshape(-1, k, PANEL)
         assert np.array_equal(stored[0, :, :min(n, PANEL)], w[:PANEL].T)

@@ -167,10 +167,8 @@ def build_backbone(tensors: dict, family: str | None = None, hints: dict | None 
     family = family or detect_family(tensors)
     if family == "clip":
         cfg, src = _clip_sources(tensors, hints)
-        mean, std = CLIP_MEAN, CLIP_STD
     elif family == "dinov2":
         cfg, src = _dinov2_sources(tensors, hints)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         raise ValueError(f"unknown backbone family {family!r}")
     layout, total = _engine.vit_layout(cfg)
@@ -188,8 +186,15 @@ def build_backbone(tensors: dict, family: str | None = None, hints: dict | None 
         if not np.isfinite(flat).all():
             raise ValueError(f"backbone weight '{key}' contains NaN or Inf")
         write_tensor(params, entry, flat)
-    ln_post = (read_tensor(params, layout, "ln_post.weight").copy(),
-               read_tensor(params, layout, "ln_post.bias").copy())
+    return engine_backbone(family, cfg, params, layout)
+
+
+def engine_backbone(family: str, cfg: dict, params: np.ndarray, layout: list) -> EngineBackbone:
+    """The EngineBackbone of a filled buffer: the family's preprocessing and the tower's ln_post."""
+    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    entries = {entry[0]: entry for entry in layout}
+    ln_post = (read_tensor(params, entries["ln_post.weight"]).copy(),
+               read_tensor(params, entries["ln_post.bias"]).copy())
     return EngineBackbone(family, cfg, params, mean, std, ln_post)
 
 
@@ -220,14 +225,12 @@ def write_tensor(params: np.ndarray, entry: tuple, values: np.ndarray) -> None:
         dst[full, :, rem:] = 0.0
 
 
-def read_tensor(params: np.ndarray, layout: list, name: str) -> np.ndarray:
-    """The tensor `name` in its canonical shape: a view of `params`, or for a panel-stored weight
-    an unpacked copy."""
-    for entry_name, shape, offset, panel in layout:
-        if entry_name == name:
-            if not panel:
-                return params[offset:offset + int(np.prod(shape))].reshape(shape)
-            n, k = shape
-            stored = params[offset:offset + -(-n // panel) * panel * k].reshape(-1, k, panel)
-            return np.ascontiguousarray(stored.transpose(0, 2, 1).reshape(-1, k)[:n])
-    raise KeyError(name)
+def read_tensor(params: np.ndarray, entry: tuple) -> np.ndarray:
+    """The tensor at a layout entry in its canonical shape: a view of `params`, or for a
+    panel-stored weight an unpacked copy."""
+    _, shape, offset, panel = entry
+    if not panel:
+        return params[offset:offset + int(np.prod(shape))].reshape(shape)
+    n, k = shape
+    stored = params[offset:offset + -(-n // panel) * panel * k].reshape(-1, k, panel)
+    return np.ascontiguousarray(stored.transpose(0, 2, 1).reshape(-1, k)[:n])

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _engine
 from ._files import atomic_write
-from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EngineBackbone, new_params, read_tensor, write_tensor
+from .backbone import EngineBackbone, engine_backbone, new_params, read_tensor, write_tensor
 from .checkpoint.safetensors import read_safetensors, save_safetensors
 from .errors import CheckpointError
 
@@ -78,7 +78,7 @@ def save_file(path, backbone: EngineBackbone, head: dict, settings: dict, backbo
     if include_backbone:
         layout, _ = _engine.vit_layout(backbone.config)
         for entry in layout:
-            tensors[f"backbone.{entry[0]}"] = read_tensor(backbone.params, layout, entry[0])
+            tensors[f"backbone.{entry[0]}"] = read_tensor(backbone.params, entry)
     atomic_write(path, lambda tmp: save_safetensors(tmp, tensors, {"visualad": json.dumps(meta)}))
 
 
@@ -108,8 +108,5 @@ def read_file(path):
             if tuple(arr.shape) != tuple(shape):
                 raise CheckpointError(f"{path}: backbone tensor '{name}' has shape {arr.shape}, expected {shape}")
             write_tensor(params, entry, arr)
-        family = meta["family"]
-        mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
-        ln = (read_tensor(params, layout, "ln_post.weight").copy(), read_tensor(params, layout, "ln_post.bias").copy())
-        backbone = EngineBackbone(family, dict(cfg), params, mean, std, ln)
+        backbone = engine_backbone(meta["family"], dict(cfg), params, layout)
     return backbone, meta.get("backbone_path"), head, meta.get("settings", {})
