@@ -184,6 +184,16 @@ static void sca_token(const vad_head *h, const vad_head_layer *L, const float *U
     for (int k = 0; k < D; k++) out[k] = token[k] + rs * proj[k];
 }
 
+void vad_sca_attention(vad_pool *pool, const vad_head_layer *L, const float *Q, const float *P, int N, int D, int m,
+                       float *xk, float *kpre, float *K, float *V, float *att) {
+    for (size_t r = 0; r < (size_t)N * D; r++) xk[r] = P[r] + L->pos[r];
+    vad_linear(pool, kpre, D, xk, D, L->wk, NULL, N, D, D, 0.0f);
+    vad_layernorm(pool, K, D, kpre, D, L->kn_w, L->kn_b, N, D, 1e-5f);
+    vad_linear(pool, V, D, P, D, L->wv, NULL, N, D, D, 0.0f);
+    vad_linear(pool, att, N, Q, D, K, NULL, m, N, D, 0.0f);
+    vad_softmax_rows_serial(att, m, N, N, 1.0f / sqrtf((float)D));
+}
+
 int vad_head_maps(vad_head *h, const float *const *feats, const float *ta, const float *tn, int B,
                   int g, int S, double sigma, int topk, float *final_maps, float *scores,
                   float *layer_maps, float *tokens_out) {
@@ -213,14 +223,8 @@ int vad_head_maps(vad_head *h, const float *const *feats, const float *ta, const
             float *ta2 = tokens_out ? tokens_out + (((size_t)li * 2 + 0) * B + b) * D : work + 2 * D + m;
             float *tn2 = tokens_out ? tokens_out + (((size_t)li * 2 + 1) * B + b) * D : work + 3 * D + m;
             if (c->has_sca[li]) {
-                /* K = LN_k((P + E[:N]) Wk^T), V = P Wv^T */
-                for (size_t r = 0; r < (size_t)N * D; r++) h->tmp[r] = P[r] + L->pos[r];
-                vad_linear(pool, h->K, D, h->tmp, D, L->wk, NULL, N, D, D, 0.0f);
-                vad_layernorm(pool, h->K, D, h->K, D, L->kn_w, L->kn_b, N, D, 1e-5f);
-                vad_linear(pool, h->V, D, P, D, L->wv, NULL, N, D, D, 0.0f);
-                /* Att = softmax_N(Q K^T / sqrt(D)); U = Att V */
-                vad_linear(pool, h->att, N, h->Q, D, h->K, NULL, m, N, D, 0.0f);
-                vad_softmax_rows_serial(h->att, m, N, N, 1.0f / sqrtf((float)D));
+                vad_sca_attention(pool, L, h->Q, P, N, D, m, h->tmp, h->K, h->K, h->V, h->att);
+                /* U = Att V */
                 vad_sgemm(0, 0, m, D, N, 1.0f, h->att, N, h->V, D, 0.0f, h->U, D);
                 sca_token(h, L, h->U, tab, ta2, work);
                 sca_token(h, L, h->U, tnb, tn2, work);

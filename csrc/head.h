@@ -44,6 +44,12 @@ vad_pool *vad_head_pool(vad_head *h);
 /* Named pointers into any buffer laid out like the parameters (e.g. gradients, Adam moments). */
 void vad_head_weights_at(const vad_head_config *cfg, const float *base, vad_head_weights *out);
 
+/* SCA's attention over one image's patches P [N, D] for the layer's queries Q [m, D]:
+ * xk = P + pos[:N], kpre = xk Wk^T, K = LN_k(kpre) (kpre may be K), V = P Wv^T,
+ * att = softmax_N(Q K^T / sqrt(D)) [m, N]. Shared by inference and training (which keeps xk, kpre). */
+void vad_sca_attention(vad_pool *pool, const vad_head_layer *L, const float *Q, const float *P, int N, int D, int m,
+                       float *xk, float *kpre, float *K, float *V, float *att);
+
 /* feats[i]: [B, N, D] patch features of layer i (N = g*g), ta/tn: [B, D] final tokens.
  * final_maps [B, S, S]: fused + filtered maps; scores [B]: top-k mean of final_maps.
  * Optional (NULL to skip): layer_maps [n_layers, B, S, S] unfiltered per-layer maps;

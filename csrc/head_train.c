@@ -341,12 +341,7 @@ static void sca_forward(trainer *t, int li, int b, const vad_head_layer *L, cons
                         const float *tn) {
     int N = t->N, D = t->D, m = t->m;
     vad_pool *pool = t->pool;
-    for (size_t r = 0; r < (size_t)N * D; r++) t->Xk[r] = P[r] + L->pos[r];
-    vad_linear(pool, t->Kpre, D, t->Xk, D, L->wk, NULL, N, D, D, 0.0f);
-    vad_layernorm(pool, t->K, D, t->Kpre, D, L->kn_w, L->kn_b, N, D, 1e-5f);
-    vad_linear(pool, t->V, D, P, D, L->wv, NULL, N, D, D, 0.0f);
-    vad_linear(pool, t->att, N, t->Q, D, t->K, NULL, m, N, D, 0.0f);
-    vad_softmax_rows_serial(t->att, m, N, N, 1.0f / sqrtf((float)D));
+    vad_sca_attention(pool, L, t->Q, P, N, D, m, t->Xk, t->Kpre, t->K, t->V, t->att);
     /* the module runs once per token: each token has its own attention dropout draw */
     for (int k = 0; k < 2; k++) {
         float *a = t->att2 + (size_t)k * m * N;
