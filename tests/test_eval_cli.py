@@ -173,7 +173,7 @@ def test_predict_scores_and_overlays(tmp_path, model, capsys):
     with open(out / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == images
-    det = detector(model).set_params(threshold=threshold)
+    det = detector(model, batch_size=4).set_params(threshold=threshold)  # the CLI call's --batch-size
     scores = np.array([float(r["score"]) for r in rows])
     np.testing.assert_array_equal(scores, independent_scores(det.anomaly_maps(images)))
     np.testing.assert_allclose(scores, det.anomaly_scores(images), rtol=0, atol=1e-6)
