@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "blas.h"
+#include "dropout.h"
 #include "errors.h"
 #include "maps.h"
 #include "ops.h"
@@ -16,9 +17,9 @@ struct vad_head {
     vad_head_config cfg;
     vad_head_weights w;
     vad_pool *pool;
-    int ws_N;
-    float *ws; /* K, V, tmp, phat, att, Q, U, grid, gate, vec */
-    float *K, *V, *tmp, *phat, *att, *Q, *U, *grid, *vec, *up;
+    int ws_N;       /* patches the inference workspace is carved for (0: none yet) */
+    void *ws;       /* the block behind acts */
+    vad_head_acts acts;
 };
 
 /* ------------------------------------------------------------------ layout */
@@ -137,120 +138,165 @@ void vad_head_weights_at(const vad_head_config *cfg, const float *base, vad_head
     walk(cfg, &lb, out);
 }
 
-static int ensure_ws(vad_head *h, int N) {
-    if (h->ws && h->ws_N == N) return VAD_OK;
-    free(h->ws);
-    const vad_head_config *c = &h->cfg;
-    size_t D = (size_t)c->width, m = (size_t)c->n_anchors;
-    size_t wide = (size_t)(c->saf_hidden > c->width ? c->saf_hidden : c->width);
-    size_t total = 2 * N * D + N * wide + N * D + m * N + 2 * m * D + N + 4 * D + m;
-    h->ws = (float *)malloc(total * sizeof(float));
-    if (!h->ws) {
-        h->ws_N = 0;
-        return vad_fail(VAD_ERR_MEMORY, "out of memory for the head workspace");
-    }
-    float *p = h->ws;
-    h->K = p; p += N * D;
-    h->V = p; p += N * D;
-    h->tmp = p; p += N * wide;
-    h->phat = p; p += N * D;
-    h->att = p; p += m * N;
-    h->Q = p; p += m * D;
-    h->U = p; p += m * D;
-    h->grid = p; p += N;
-    h->vec = p; /* 4*D + m: gated sum, projected out, gate values */
-    h->ws_N = N;
-    return VAD_OK;
+/* ------------------------------------------------------------------ forward */
+
+void vad_head_acts_walk(vad_carver *c, const vad_head_config *cfg, int N, int keep, vad_head_acts *a) {
+    size_t D = (size_t)cfg->width, m = (size_t)cfg->n_anchors, Hs = (size_t)cfg->saf_hidden, n = (size_t)N;
+    a->Q = vad_take_floats(c, m * D);
+    a->Qpre = keep ? vad_take_floats(c, m * D) : a->Q;
+    a->xk = vad_take_floats(c, n * D);
+    a->K = vad_take_floats(c, n * D);
+    a->kpre = keep ? vad_take_floats(c, n * D) : a->K;
+    a->V = vad_take_floats(c, n * D);
+    a->att = vad_take_floats(c, m * n);
+    a->att2 = vad_take_floats(c, 2 * m * n);
+    a->U2 = vad_take_floats(c, 2 * m * D);
+    a->T2 = vad_take_floats(c, 2 * D);
+    a->gate2 = vad_take_floats(c, 2 * m);
+    a->agg2 = vad_take_floats(c, 2 * D);
+    a->proj2 = vad_take_floats(c, 2 * D);
+    a->tok2 = vad_take_floats(c, 2 * D);
+    a->h1 = vad_take_floats(c, n * Hs);
+    a->g = keep ? vad_take_floats(c, n * Hs) : a->h1;
+    a->phat = vad_take_floats(c, n * D);
+    a->grid = vad_take_floats(c, n);
 }
 
-/* token' = token + res_scale * (sum_i sigmoid(token . Wg_i + bg_i) U_i) Wo^T + bo */
-static void sca_token(const vad_head *h, const vad_head_layer *L, const float *U, const float *token,
-                      float *out, float *work) {
-    int D = h->cfg.width, m = h->cfg.n_anchors;
-    float *agg = work, *proj = work + D, *gate = work + 2 * D;
+void vad_sca_query(vad_pool *pool, const vad_head_layer *L, int m, int D, vad_head_acts *a) {
+    vad_linear(pool, a->Qpre, D, L->anchors, D, L->wq, NULL, m, D, D, 0.0f);
+    vad_layernorm(pool, a->Q, D, a->Qpre, D, L->qn_w, L->qn_b, m, D, 1e-5f);
+}
+
+/* Token k of SCA given U_k = att_k V [m, D] (in a->U2): gate, gated sum, output projection,
+ * dropout and the residual: a->tok2[k] = t + res_scale * drop(agg Wo^T + bo). */
+static void sca_token(const vad_head_layer *L, int D, int m, int k, float p, uint64_t stream, vad_head_acts *a) {
+    const float *t = a->T2 + (size_t)k * D, *U = a->U2 + (size_t)k * m * D;
+    float *gate = a->gate2 + (size_t)k * m, *agg = a->agg2 + (size_t)k * D, *proj = a->proj2 + (size_t)k * D;
     for (int i = 0; i < m; i++) {
         double s = L->gate_b[i];
         const float *wg = L->gate_w + (size_t)i * D;
-        for (int k = 0; k < D; k++) s += (double)wg[k] * token[k];
+        for (int d = 0; d < D; d++) s += (double)wg[d] * t[d];
         gate[i] = 1.0f / (1.0f + expf(-(float)s));
     }
-    for (int k = 0; k < D; k++) {
+    for (int d = 0; d < D; d++) {
         float s = 0.0f;
-        for (int i = 0; i < m; i++) s += gate[i] * U[(size_t)i * D + k];
-        agg[k] = s;
+        for (int i = 0; i < m; i++) s += gate[i] * U[(size_t)i * D + d];
+        agg[d] = s;
     }
     vad_linear(NULL, proj, D, agg, D, L->wo, L->bo, 1, D, D, 0.0f);
-    float rs = L->res_scale[0];
-    for (int k = 0; k < D; k++) out[k] = token[k] + rs * proj[k];
+    vad_dropout_forward(NULL, proj, D, p, stream);
+    float rs = L->res_scale[0], *out = a->tok2 + (size_t)k * D;
+    for (int d = 0; d < D; d++) out[d] = t[d] + rs * proj[d];
 }
 
-void vad_sca_attention(vad_pool *pool, const vad_head_layer *L, const float *Q, const float *P, int N, int D, int m,
-                       float *xk, float *kpre, float *K, float *V, float *att) {
-    for (size_t r = 0; r < (size_t)N * D; r++) xk[r] = P[r] + L->pos[r];
-    vad_linear(pool, kpre, D, xk, D, L->wk, NULL, N, D, D, 0.0f);
-    vad_layernorm(pool, K, D, kpre, D, L->kn_w, L->kn_b, N, D, 1e-5f);
-    vad_linear(pool, V, D, P, D, L->wv, NULL, N, D, D, 0.0f);
-    vad_linear(pool, att, N, Q, D, K, NULL, m, N, D, 0.0f);
-    vad_softmax_rows_serial(att, m, N, N, 1.0f / sqrtf((float)D));
+static void sca_forward(vad_pool *pool, const vad_head_layer *L, int li, int b, const float *P, int N, int D, int m,
+                        float p, uint64_t seed, vad_head_acts *a) {
+    size_t mN = (size_t)m * N, mD = (size_t)m * D;
+    for (size_t r = 0; r < (size_t)N * D; r++) a->xk[r] = P[r] + L->pos[r];
+    vad_linear(pool, a->kpre, D, a->xk, D, L->wk, NULL, N, D, D, 0.0f);
+    vad_layernorm(pool, a->K, D, a->kpre, D, L->kn_w, L->kn_b, N, D, 1e-5f);
+    vad_linear(pool, a->V, D, P, D, L->wv, NULL, N, D, D, 0.0f);
+    vad_linear(pool, a->att, N, a->Q, D, a->K, NULL, m, N, D, 0.0f);
+    vad_softmax_rows_serial(a->att, m, N, N, 1.0f / sqrtf((float)D));
+    for (int k = 0; k < 2; k++) {
+        float *ak = a->att2 + (size_t)k * mN;
+        memcpy(ak, a->att, mN * sizeof(float));
+        vad_dropout_forward(pool, ak, (int64_t)mN, p, vad_dropout_stream(seed, li, b, VAD_DROP_SCA_ATT, k));
+        if (k == 1 && !(p > 0.0f)) /* the same attention for both tokens: the same U */
+            memcpy(a->U2 + mD, a->U2, mD * sizeof(float));
+        else
+            vad_sgemm(0, 0, m, D, N, 1.0f, ak, N, a->V, D, 0.0f, a->U2 + (size_t)k * mD, D);
+    }
+    for (int k = 0; k < 2; k++) sca_token(L, D, m, k, p, vad_dropout_stream(seed, li, b, VAD_DROP_SCA_OUT, k), a);
 }
 
-int vad_head_maps(vad_head *h, const float *const *feats, const float *ta, const float *tn, int B,
-                  int g, int S, double sigma, int topk, float *final_maps, float *scores,
-                  float *layer_maps, float *tokens_out) {
+static void saf_forward(vad_pool *pool, const vad_head_layer *L, int li, int b, const float *P, int N, int D, int Hs,
+                        float p, uint64_t seed, vad_head_acts *a) {
+    vad_linear(pool, a->h1, Hs, P, D, L->saf_w1, L->saf_b1, N, Hs, D, 0.0f);
+    if (a->g != a->h1) memcpy(a->g, a->h1, (size_t)N * Hs * sizeof(float));
+    vad_activation_inplace(pool, a->g, (int64_t)N * Hs, VAD_ACT_GELU);
+    vad_dropout_forward(pool, a->g, (int64_t)N * Hs, p, vad_dropout_stream(seed, li, b, VAD_DROP_SAF_HIDDEN, 0));
+    vad_linear(pool, a->phat, D, a->g, Hs, L->saf_w2, L->saf_b2, N, D, Hs, 0.0f);
+    vad_dropout_forward(pool, a->phat, (int64_t)N * D, p, vad_dropout_stream(seed, li, b, VAD_DROP_SAF_OUT, 0));
+}
+
+int vad_head_layer_forward(vad_pool *pool, const vad_head_config *cfg, const vad_head_layer *L, int li, int b,
+                           const float *P, const float *ta, const float *tn, int N, float p, uint64_t seed,
+                           vad_head_acts *a, const float **feat) {
+    int D = cfg->width;
+    memcpy(a->T2, ta, (size_t)D * sizeof(float));
+    memcpy(a->T2 + D, tn, (size_t)D * sizeof(float));
+    if (cfg->has_sca[li])
+        sca_forward(pool, L, li, b, P, N, D, cfg->n_anchors, p, seed, a);
+    else
+        memcpy(a->tok2, a->T2, 2 * (size_t)D * sizeof(float));
+    *feat = P;
+    if (cfg->has_saf[li]) {
+        saf_forward(pool, L, li, b, P, N, D, cfg->saf_hidden, p, seed, a);
+        *feat = a->phat;
+    }
+    return vad_cosine_contrast(pool, a->grid, *feat, a->tok2, a->tok2 + D, N, D);
+}
+
+int vad_head_forward(vad_head *h, vad_head_acts *a, const float *const *feats, const float *ta, const float *tn,
+                     int B, int g, int S, float p, uint64_t seed, float *fused, float *layer_maps,
+                     float *tokens_out) {
     const vad_head_config *c = &h->cfg;
-    int D = c->width, m = c->n_anchors, Hs = c->saf_hidden, N = g * g;
+    int D = c->width, N = g * g;
     if (B < 1 || g < 1 || S < 1) return vad_fail(VAD_ERR_VALUE, "batch, grid and size must be positive");
     for (int i = 0; i < c->n_layers; i++)
         if (c->has_sca[i] && N > c->pos_rows)
             return vad_fail(VAD_ERR_VALUE, "%d patches (grid %dx%d) exceed the %d rows of the SCA position "
                             "encoding: use a smaller image size", N, g, g, c->pos_rows);
-    int rc = ensure_ws(h, N);
-    if (rc) return rc;
-    vad_pool *pool = h->pool;
     size_t SS = (size_t)S * S;
-    memset(final_maps, 0, (size_t)B * SS * sizeof(float));
-    float *work = h->vec;
+    memset(fused, 0, (size_t)B * SS * sizeof(float));
     for (int li = 0; li < c->n_layers; li++) {
         const vad_head_layer *L = &h->w.layers[li];
-        if (c->has_sca[li]) {
-            /* Q = LN_q(A Wq^T): independent of the image */
-            vad_linear(pool, h->Q, D, L->anchors, D, L->wq, NULL, m, D, D, 0.0f);
-            vad_layernorm(NULL, h->Q, D, h->Q, D, L->qn_w, L->qn_b, m, D, 1e-5f);
-        }
+        if (c->has_sca[li]) vad_sca_query(h->pool, L, c->n_anchors, D, a);
         for (int b = 0; b < B; b++) {
-            const float *P = feats[li] + (size_t)b * N * D;
-            const float *tab = ta + (size_t)b * D, *tnb = tn + (size_t)b * D;
-            float *ta2 = tokens_out ? tokens_out + (((size_t)li * 2 + 0) * B + b) * D : work + 2 * D + m;
-            float *tn2 = tokens_out ? tokens_out + (((size_t)li * 2 + 1) * B + b) * D : work + 3 * D + m;
-            if (c->has_sca[li]) {
-                vad_sca_attention(pool, L, h->Q, P, N, D, m, h->tmp, h->K, h->K, h->V, h->att);
-                /* U = Att V */
-                vad_sgemm(0, 0, m, D, N, 1.0f, h->att, N, h->V, D, 0.0f, h->U, D);
-                sca_token(h, L, h->U, tab, ta2, work);
-                sca_token(h, L, h->U, tnb, tn2, work);
-            } else {
-                memcpy(ta2, tab, (size_t)D * sizeof(float));
-                memcpy(tn2, tnb, (size_t)D * sizeof(float));
-            }
-            const float *feat = P;
-            if (c->has_saf[li]) {
-                vad_linear(pool, h->tmp, Hs, P, D, L->saf_w1, L->saf_b1, N, Hs, D, 0.0f);
-                vad_activation_inplace(pool, h->tmp, (int64_t)N * Hs, VAD_ACT_GELU);
-                vad_linear(pool, h->phat, D, h->tmp, Hs, L->saf_w2, L->saf_b2, N, D, Hs, 0.0f);
-                feat = h->phat;
-            }
-            if ((rc = vad_cosine_contrast(pool, h->grid, feat, ta2, tn2, N, D))) return rc;
+            const float *feat;
+            int rc = vad_head_layer_forward(h->pool, c, L, li, b, feats[li] + (size_t)b * N * D, ta + (size_t)b * D,
+                                            tn + (size_t)b * D, N, p, seed, a, &feat);
+            if (rc) return rc;
+            if (tokens_out)
+                for (int k = 0; k < 2; k++)
+                    memcpy(tokens_out + (((size_t)li * 2 + k) * B + b) * D, a->tok2 + (size_t)k * D,
+                           (size_t)D * sizeof(float));
             /* upsample g x g -> S x S and accumulate */
-            float *dst = layer_maps ? layer_maps + ((size_t)li * B + b) * SS : NULL;
-            float *acc = final_maps + (size_t)b * SS;
-            if (dst) {
-                vad_resize_bilinear(dst, h->grid, 1, g, g, S, S);
+            float *acc = fused + (size_t)b * SS;
+            if (layer_maps) {
+                float *dst = layer_maps + ((size_t)li * B + b) * SS;
+                vad_resize_bilinear(dst, a->grid, 1, g, g, S, S);
                 for (size_t k = 0; k < SS; k++) acc[k] += dst[k];
             } else {
-                vad_resize_bilinear_add(acc, h->grid, g, g, S, S);
+                vad_resize_bilinear_add(acc, a->grid, g, g, S, S);
             }
         }
     }
-    if ((rc = vad_gaussian_filter(pool, final_maps, B, S, S, sigma))) return rc;
-    return vad_topk_mean(pool, scores, final_maps, B, (int)SS, topk);
+    return VAD_OK;
+}
+
+/* The inference workspace: the forward's activations for N patches, without the training copies. */
+static int ensure_ws(vad_head *h, int N) {
+    if (h->ws && h->ws_N == N) return VAD_OK;
+    free(h->ws);
+    h->ws_N = 0;
+    vad_carver carve = {NULL, 0};
+    vad_head_acts_walk(&carve, &h->cfg, N, 0, &h->acts);
+    if (!(h->ws = vad_carve_begin(&carve))) return vad_fail(VAD_ERR_MEMORY, "out of memory for the head workspace");
+    vad_head_acts_walk(&carve, &h->cfg, N, 0, &h->acts);
+    h->ws_N = N;
+    return VAD_OK;
+}
+
+int vad_head_maps(vad_head *h, const float *const *feats, const float *ta, const float *tn, int B,
+                  int g, int S, double sigma, int topk, float *final_maps, float *scores,
+                  float *layer_maps, float *tokens_out) {
+    if (B < 1 || g < 1 || S < 1) return vad_fail(VAD_ERR_VALUE, "batch, grid and size must be positive");
+    int rc = ensure_ws(h, g * g);
+    if (rc) return rc;
+    rc = vad_head_forward(h, &h->acts, feats, ta, tn, B, g, S, 0.0f, 0, final_maps, layer_maps, tokens_out);
+    if (rc) return rc;
+    if ((rc = vad_gaussian_filter(h->pool, final_maps, B, S, S, sigma))) return rc;
+    return vad_topk_mean(h->pool, scores, final_maps, B, S * S, topk);
 }

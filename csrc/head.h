@@ -6,8 +6,10 @@
 #define VAD_HEAD_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "vit.h"
+#include "workspace.h"
 
 #define VAD_HEAD_MAX_LAYERS 64
 
@@ -44,13 +46,54 @@ vad_pool *vad_head_pool(vad_head *h);
 /* Named pointers into any buffer laid out like the parameters (e.g. gradients, Adam moments). */
 void vad_head_weights_at(const vad_head_config *cfg, const float *base, vad_head_weights *out);
 
-/* SCA's attention over one image's patches P [N, D] for the layer's queries Q [m, D]:
- * xk = P + pos[:N], kpre = xk Wk^T, K = LN_k(kpre) (kpre may be K), V = P Wv^T,
- * att = softmax_N(Q K^T / sqrt(D)) [m, N]. Shared by inference and training (which keeps xk, kpre). */
-void vad_sca_attention(vad_pool *pool, const vad_head_layer *L, const float *Q, const float *P, int N, int D, int m,
-                       float *xk, float *kpre, float *K, float *V, float *att);
+/* ------------------------------------------------------------------ the forward
+ * One forward serves inference (dropout p = 0: no masks) and training (p > 0, and the
+ * activations kept for the backward in csrc/head_train.c). Per used layer l and image b:
+ *   SCA, applied to t_a and t_n separately (the official module is called once per token):
+ *     Q = LN_q(A Wq^T); K = LN_k((P + E[:N]) Wk^T); V = P Wv^T
+ *     Att = drop(softmax(Q K^T / sqrt(D)))                       (one dropout draw per token)
+ *     t' = t + res_scale * drop((sum_i sigmoid(t . Wg_i + bg_i) (Att V)_i) Wo^T + bo)
+ *   SAF: P^ = drop(drop(GELU(P W1^T + b1)) W2^T + b2)
+ *   m_l = upsample_bilinear(cos(P^, t_a') - cos(P^, t_n'))      (g x g -> S x S) */
 
-/* feats[i]: [B, N, D] patch features of layer i (N = g*g), ta/tn: [B, D] final tokens.
+/* The activations of one (layer, image), i.e. what the backward reads. */
+typedef struct {
+    float *Qpre, *Q;      /* [m, D] A Wq^T and its LayerNorm (per layer; Qpre aliases Q for inference) */
+    float *xk, *kpre, *K; /* [N, D] P + E[:N], its projection, LN_k of it (kpre aliases K for inference) */
+    float *V;             /* [N, D] */
+    float *att;           /* [m, N] softmax(Q K^T / sqrt(D)) */
+    float *att2;          /* [2, m, N] per token, after dropout */
+    float *U2;            /* [2, m, D] att2 V */
+    float *T2;            /* [2, D] the input tokens (t_a, t_n) */
+    float *gate2;         /* [2, m] */
+    float *agg2, *proj2;  /* [2, D] gated sum, its projection (after dropout) */
+    float *tok2;          /* [2, D] t_a', t_n' */
+    float *h1, *g;        /* [N, Hs] SAF pre-activation, GELU (+ dropout); g aliases h1 for inference */
+    float *phat;          /* [N, D] SAF output */
+    float *grid;          /* [N] cosine contrast map */
+} vad_head_acts;
+
+/* The buffers of vad_head_acts for N patches, one list for sizing and carving (workspace.h);
+ * keep != 0 gives the buffers the backward needs their own memory. */
+void vad_head_acts_walk(vad_carver *c, const vad_head_config *cfg, int N, int keep, vad_head_acts *a);
+
+/* Q (and Qpre) of layer L: once per layer, independent of the image. */
+void vad_sca_query(vad_pool *pool, const vad_head_layer *L, int m, int D, vad_head_acts *a);
+
+/* SCA and SAF of one image at used layer li (P [N, D], tokens ta, tn [D]) with dropout p drawn
+ * from `seed` (vad_dropout_stream(seed, li, b, ...)): a->tok2 = (t_a', t_n'), a->grid = the
+ * g x g contrast map; *feat = the patch features the map used (a->phat, or P without SAF). */
+int vad_head_layer_forward(vad_pool *pool, const vad_head_config *cfg, const vad_head_layer *L, int li, int b,
+                           const float *P, const float *ta, const float *tn, int N, float p, uint64_t seed,
+                           vad_head_acts *a, const float **feat);
+
+/* The whole forward of a batch: fused [B, S, S] = sum over layers of the unfiltered maps.
+ * Optional (NULL to skip): layer_maps [n_layers, B, S, S]; tokens_out [n_layers, 2, B, D]. */
+int vad_head_forward(vad_head *h, vad_head_acts *a, const float *const *feats, const float *ta, const float *tn,
+                     int B, int g, int S, float p, uint64_t seed, float *fused, float *layer_maps,
+                     float *tokens_out);
+
+/* Inference: feats[i]: [B, N, D] patch features of layer i (N = g*g), ta/tn: [B, D] final tokens.
  * final_maps [B, S, S]: fused + filtered maps; scores [B]: top-k mean of final_maps.
  * Optional (NULL to skip): layer_maps [n_layers, B, S, S] unfiltered per-layer maps;
  * tokens_out [n_layers, 2, B, D] SCA-enhanced (t_a', t_n'). */

@@ -2,13 +2,7 @@
  * the SCA / SAF weights and to the head inputs (the ln_post'd patch features and final tokens,
  * whose gradients the backbone backward carries on to t_a, t_n and ln_post).
  *
- * Forward (dropout p, SPEC §1 items 7-10): per used layer l
- *   SCA (applied to t_a and t_n separately, as the official module is called twice):
- *     Q = LN_q(A Wq^T); K = LN_k((P + E[:N]) Wk^T); V = P Wv^T
- *     Att = drop(softmax(Q K^T / sqrt(D)))        (one dropout draw per token)
- *     t' = t + res_scale * drop((sum_i sigmoid(t Wg^T + bg)_i (Att V)_i) Wo^T + bo)
- *   SAF: P^ = drop(drop(GELU(P W1^T + b1)) W2^T + b2)
- *   m_l = upsample_bilinear(cos(P^, t_a') - cos(P^, t_n'))  (g x g -> S x S)
+ * Forward: vad_head_layer_forward (csrc/head.h), the same code as inference, with dropout p.
  * Losses: see vad_head_loss_and_grad.
  *
  * Memory: the per-layer S x S maps of the batch (n_layers * B * S * S floats) plus the
@@ -23,26 +17,8 @@
 #include <stdint.h>
 
 #include "head.h"
+#include "dropout.h"
 #include "threadpool.h"
-
-enum vad_dropout_site {
-    VAD_DROP_SAF_HIDDEN = 0, /* SAF, after the GELU: [N, Hs] */
-    VAD_DROP_SAF_OUT = 1,    /* SAF, after W2: [N, D] */
-    VAD_DROP_SCA_ATT = 2,    /* SCA attention weights: [m, N], one draw per token */
-    VAD_DROP_SCA_OUT = 3,    /* SCA output projection: [D], one draw per token */
-};
-
-/* Counter-based dropout: element i of the tensor identified by (seed, layer, image, site, token)
- * is dropped iff the top 24 bits of splitmix64(stream + i) / 2^24 < p, where stream =
- * vad_dropout_stream(...). Kept elements are scaled by 1/(1-p) (as torch.nn.Dropout does). The
- * mask depends only on these indices, never on the thread count or the order of computation.
- * layer = index in the used-layer list, image = index in the batch, token 0 = t_a, 1 = t_n
- * (0 for SAF sites). Callers vary `seed` per training step. */
-uint64_t vad_dropout_stream(uint64_t seed, int layer, int image, int site, int token);
-/* x[i] *= mask_i (0 or 1/(1-p)) for i in [0, n). */
-void vad_dropout_forward(vad_pool *pool, float *x, int64_t n, float p, uint64_t stream);
-/* dx[i] *= mask_i: the same mask as the forward (gradient of y = mask * x). */
-void vad_dropout_backward(vad_pool *pool, float *dx, int64_t n, float p, uint64_t stream);
 
 /* feats[i]: [B,N,D] ln_post'd patch features of used layer i (N = g*g); ta, tn: [B,D] ln_post'd
  * final-block tokens (before SCA).
@@ -66,10 +42,12 @@ void vad_dropout_backward(vad_pool *pool, float *dx, int64_t n, float p, uint64_
  *         those come from the backbone backward through dfeats/dta/dtn). Rows >= N of each
  *         pos_encoding get no gradient.
  *   dfeats[i] [B,N,D], dta, dtn [B,D]: gradients w.r.t. the inputs, WRITTEN (not accumulated).
+ * layer_maps [n_layers, B, S, S] or NULL: the forward's unfiltered per-layer maps (with dropout 0
+ * they are vad_head_maps' layer maps, bit for bit: the same function computes both).
  * Returns VAD_OK or an error code (vad_last_error has the message). */
 int vad_head_loss_and_grad(vad_head *h, const float *const *feats, const float *ta, const float *tn, int B,
                            int g, int S, const float *labels, const float *masks, const unsigned char *has_mask,
                            int topk, float dropout, uint64_t seed, double losses[4], float *grad,
-                           float *const *dfeats, float *dta, float *dtn);
+                           float *const *dfeats, float *dta, float *dtn, float *layer_maps);
 
 #endif

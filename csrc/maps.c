@@ -4,7 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "blas.h"
 #include "errors.h"
+#include "workspace.h"
 
 /* ------------------------------------------------------------------ cosine contrast */
 
@@ -54,6 +56,111 @@ int vad_cosine_contrast(vad_pool *pool, float *s, const float *P, const float *t
     vad_parallel_for(pool, N, 32, cos_task, &c);
     free(u);
     return VAD_OK;
+}
+
+/* The backward keeps the token units in double, with the first normalisation rounded to float as
+ * the forward stores it; u = normalize(normalize(t)) and the two norms. */
+typedef struct {
+    double *u, *u1, n1, n2;
+} token_units;
+
+static void token_units_forward(token_units *tu, const float *t, int D) {
+    tu->n1 = l2norm(t, D);
+    double d1 = fmax(tu->n1, 1e-8), s = 0.0;
+    for (int i = 0; i < D; i++) {
+        tu->u1[i] = (double)(float)(t[i] / d1);
+        s += tu->u1[i] * tu->u1[i];
+    }
+    tu->n2 = sqrt(s);
+    double d2 = fmax(tu->n2, 1e-8);
+    for (int i = 0; i < D; i++) tu->u[i] = tu->u1[i] / d2;
+}
+
+/* dx = backward of y = x / max(|x|, eps) given dy (x's norm n). */
+static void normalize_backward(double *dx, const double *dy, const double *y, double n, int D) {
+    const double eps = 1e-8;
+    double dot = 0.0;
+    for (int i = 0; i < D; i++) dot += dy[i] * y[i];
+    if (n > eps)
+        for (int i = 0; i < D; i++) dx[i] = (dy[i] - y[i] * dot) / n;
+    else
+        for (int i = 0; i < D; i++) dx[i] = dy[i] / eps;
+}
+
+/* dt += d/dt of u = normalize(normalize(t)) given du = sign * g; scratch holds 3 D doubles. */
+static void token_units_backward(float *dt, const float *g, double sign, const token_units *tu, int D,
+                                 double *scratch) {
+    double *du = scratch, *du1 = scratch + D, *dtt = scratch + 2 * D;
+    for (int i = 0; i < D; i++) du[i] = sign * (double)g[i];
+    normalize_backward(du1, du, tu->u, tu->n2, D);
+    normalize_backward(dtt, du1, tu->u1, tu->n1, D);
+    for (int i = 0; i < D; i++) dt[i] += (float)dtt[i];
+}
+
+typedef struct {
+    float *dP, *w;
+    const float *P, *ds;
+    const double *ua, *un;
+    int D;
+} cos_back_ctx;
+
+static void cos_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    const cos_back_ctx *c = (const cos_back_ctx *)vctx;
+    int D = c->D;
+    for (int64_t r = begin; r < end; r++) {
+        const float *p = c->P + (size_t)r * D;
+        float *dp = c->dP + (size_t)r * D;
+        double np_ = fmax(l2norm(p, D), 1e-8), da = 0.0, dn = 0.0;
+        for (int i = 0; i < D; i++) {
+            da += (double)p[i] * c->ua[i];
+            dn += (double)p[i] * c->un[i];
+        }
+        double s = (da - dn) / np_, g = c->ds[r];
+        /* d s / d p = (ua - un) / |p| - s p / |p|^2 */
+        for (int i = 0; i < D; i++) dp[i] = (float)(g * ((c->ua[i] - c->un[i]) - s * p[i] / np_) / np_);
+        c->w[r] = (float)(g / np_);
+    }
+}
+
+/* The scratch of the backward, one list walked to size it and to carve it. */
+typedef struct {
+    token_units a, n;
+    double *tmp; /* 3 D */
+    float *w;    /* [N]: ds_i / |p_i| */
+    float *gu;   /* [D]: sum_i w_i p_i */
+} cos_back_ws;
+
+static void cos_back_walk(vad_carver *c, int N, int D, cos_back_ws *ws) {
+    ws->a.u = vad_take_doubles(c, (size_t)D);
+    ws->a.u1 = vad_take_doubles(c, (size_t)D);
+    ws->n.u = vad_take_doubles(c, (size_t)D);
+    ws->n.u1 = vad_take_doubles(c, (size_t)D);
+    ws->tmp = vad_take_doubles(c, 3 * (size_t)D);
+    ws->w = vad_take_floats(c, (size_t)N);
+    ws->gu = vad_take_floats(c, (size_t)D);
+}
+
+size_t vad_cosine_contrast_backward_bytes(int N, int D) {
+    vad_carver count = {NULL, 0};
+    cos_back_ws ws;
+    cos_back_walk(&count, N, D, &ws);
+    return count.bytes;
+}
+
+void vad_cosine_contrast_backward(vad_pool *pool, float *dP, float *dta, float *dtn, const float *ds,
+                                  const float *P, const float *ta, const float *tn, int N, int D, void *scratch) {
+    vad_carver carve = {(char *)scratch, 0};
+    cos_back_ws ws;
+    cos_back_walk(&carve, N, D, &ws);
+    token_units_forward(&ws.a, ta, D);
+    token_units_forward(&ws.n, tn, D);
+    cos_back_ctx cc = {dP, ws.w, P, ds, ws.a.u, ws.n.u, D};
+    vad_parallel_for(pool, N, 16, cos_back_task, &cc);
+    /* sum_i (ds_i / |p_i|) p_i = d s / d u_a = - d s / d u_n */
+    vad_sgemm(0, 0, 1, D, N, 1.0f, ws.w, N, P, D, 0.0f, ws.gu, D);
+    token_units_backward(dta, ws.gu, 1.0, &ws.a, D, ws.tmp);
+    token_units_backward(dtn, ws.gu, -1.0, &ws.n, D, ws.tmp);
 }
 
 /* ------------------------------------------------------------------ gaussian filter */

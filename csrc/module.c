@@ -707,10 +707,11 @@ static PyMethodDef Head_methods[] = {
      "-> (final (B,S,S), scores (B,), layer maps (L,B,S,S) or None, SCA tokens (L,2,B,D) or None)"},
     {"loss_and_grad", (PyCFunction)(void (*)(void))Head_loss_and_grad, METH_VARARGS | METH_KEYWORDS,
      "loss_and_grad(feats, anomaly_token, normal_token, image_size, labels, masks, has_mask, topk, dropout=0.0,\n"
-     "seed=0, grad=None) -> ({'cls', 'seg', 'contrastive', 'total'}, grad (head layout, accumulated into\n"
-     "`grad` when given: SAF/SCA entries only), dfeats [(B,N,D)] per layer, d anomaly_token (B,D),\n"
-     "d normal_token (B,D)). masks (B,S,S) or None (all normal); has_mask (B,) or None (all 1): images\n"
-     "with has_mask 0 skip the segmentation loss. See csrc/head_train.h."},
+     "seed=0, grad=None, layer_maps=None) -> ({'cls', 'seg', 'contrastive', 'total'}, grad (head layout,\n"
+     "accumulated into `grad` when given: SAF/SCA entries only), dfeats [(B,N,D)] per layer,\n"
+     "d anomaly_token (B,D), d normal_token (B,D)). masks (B,S,S) or None (all normal); has_mask (B,) or\n"
+     "None (all 1): images with has_mask 0 skip the segmentation loss. layer_maps: a float32 (L,B,S,S)\n"
+     "array that receives the forward's unfiltered per-layer maps. See csrc/head_train.h."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1038,26 +1039,30 @@ static PyArrayObject *train_array(PyObject *obj, const char *what, int type, int
     return a;
 }
 
-/* A 1-D float32 C-contiguous array the engine may update in place (no copy is made). */
-static int inplace_vector(PyObject *obj, const char *what) {
+/* An ndim-D float32 C-contiguous array the engine may update in place (no copy is made). */
+static int inplace_vector_nd(PyObject *obj, const char *what, int ndim) {
     if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
-        PyArray_NDIM((PyArrayObject *)obj) != 1 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) ||
+        PyArray_NDIM((PyArrayObject *)obj) != ndim || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) ||
         !PyArray_ISWRITEABLE((PyArrayObject *)obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a writeable 1-D C-contiguous float32 numpy array", what);
+        PyErr_Format(PyExc_TypeError, "%s must be a writeable %d-D C-contiguous float32 numpy array", what, ndim);
         return -1;
     }
     return 0;
 }
 
+static int inplace_vector(PyObject *obj, const char *what) { return inplace_vector_nd(obj, what, 1); }
+
 static PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"feats", "anomaly_token", "normal_token", "image_size", "labels", "masks",
-                             "has_mask", "topk", "dropout", "seed", "grad", NULL};
-    PyObject *feats_obj, *ta_obj, *tn_obj, *labels_obj, *masks_obj, *has_obj, *grad_obj = Py_None;
+                             "has_mask", "topk", "dropout", "seed", "grad", "layer_maps", NULL};
+    PyObject *feats_obj, *ta_obj, *tn_obj, *labels_obj, *masks_obj, *has_obj, *grad_obj = Py_None,
+             *maps_obj = Py_None;
     int S, topk;
     double dropout = 0.0;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiOOOi|dKO", kwlist, &feats_obj, &ta_obj, &tn_obj, &S,
-                                     &labels_obj, &masks_obj, &has_obj, &topk, &dropout, &seed, &grad_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiOOOi|dKOO", kwlist, &feats_obj, &ta_obj, &tn_obj, &S,
+                                     &labels_obj, &masks_obj, &has_obj, &topk, &dropout, &seed, &grad_obj,
+                                     &maps_obj))
         return NULL;
     if (!self->head) {
         PyErr_SetString(PyExc_RuntimeError, "Head is not initialised");
@@ -1108,6 +1113,16 @@ static PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *
         grad = grad_obj;
         Py_INCREF(grad);
     }
+    float *layer_maps = NULL;
+    if (maps_obj != Py_None) {
+        if (inplace_vector_nd(maps_obj, "layer_maps", 4)) goto done;
+        npy_intp *md = PyArray_DIMS((PyArrayObject *)maps_obj);
+        if (md[0] != L || md[1] != B || md[2] != S || md[3] != S) {
+            PyErr_Format(PyExc_ValueError, "layer_maps must have shape (%d, %d, %d, %d)", L, B, S, S);
+            goto done;
+        }
+        layer_maps = (float *)PyArray_DATA((PyArrayObject *)maps_obj);
+    }
     npy_intp fdims[3] = {B, N, D}, tdims[2] = {B, D};
     if (!(dfeats = PyList_New(L))) goto done;
     for (int i = 0; i < L; i++) {
@@ -1127,7 +1142,7 @@ static PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *
                                 has ? (const unsigned char *)PyArray_DATA(has) : NULL, topk, (float)dropout,
                                 (uint64_t)seed, losses, (float *)PyArray_DATA((PyArrayObject *)grad), dptr,
                                 (float *)PyArray_DATA((PyArrayObject *)dta),
-                                (float *)PyArray_DATA((PyArrayObject *)dtn));
+                                (float *)PyArray_DATA((PyArrayObject *)dtn), layer_maps);
     PyThread_release_lock(self->lock);
     Py_END_ALLOW_THREADS
     if (rc) {

@@ -70,6 +70,40 @@ void vad_linear_backward_input(vad_pool *pool, float *din, int ldd, const float 
     gemm_bias(pool, 0, 0, M, K, N, 1.0f, dout, ldo, W, K, beta, din, ldd, NULL);
 }
 
+/* out[c] += sum_r x[r, c] (bias gradients); parallel over blocks of columns, each summed in row
+ * order (independent of the thread count). */
+#define COL_BLOCK 64
+
+typedef struct {
+    float *out;
+    const float *x;
+    int rows, cols;
+} colsum_ctx;
+
+static void colsum_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    const colsum_ctx *c = (const colsum_ctx *)vctx;
+    for (int64_t blk = begin; blk < end; blk++) {
+        int c0 = (int)blk * COL_BLOCK, n = c->cols - c0 < COL_BLOCK ? c->cols - c0 : COL_BLOCK;
+        double acc[COL_BLOCK] = {0};
+        for (int r = 0; r < c->rows; r++) {
+            const float *xr = c->x + (size_t)r * c->cols + c0;
+            for (int j = 0; j < n; j++) acc[j] += xr[j];
+        }
+        for (int j = 0; j < n; j++) c->out[c0 + j] += (float)acc[j];
+    }
+}
+
+void vad_linear_backward(vad_pool *pool, float *dx, float dx_beta, float *dW, float *db, const float *dy,
+                         const float *x, const float *W, int M, int N, int K) {
+    if (dx) vad_linear_backward_input(pool, dx, K, dy, N, W, M, N, K, dx_beta);
+    if (dW) vad_gemm(pool, 1, 0, N, K, M, 1.0f, dy, N, x, K, 1.0f, dW, K);
+    if (db) {
+        colsum_ctx c = {db, dy, M, N};
+        vad_parallel_for(pool, (N + COL_BLOCK - 1) / COL_BLOCK, 1, colsum_task, &c);
+    }
+}
+
 /* ---------------------------------------------------------------- layernorm */
 
 typedef struct {
@@ -362,6 +396,23 @@ void vad_softmax_rows_serial(float *x, int rows, int cols, int ld, float scale) 
     for (int r = 0; r < rows; r++) softmax_row(x + (size_t)r * ld, cols, scale);
 }
 
+/* dl = scale * p * (dp - sum(dp * p)) over one row; dl may alias dp. */
+VAD_HOT static void softmax_grad_row(float *dl, const float *dp, const float *p, int n, float scale) {
+    float acc[VAD_LANES] = {0};
+    int i = 0;
+    for (; i + VAD_LANES <= n; i += VAD_LANES)
+        for (int j = 0; j < VAD_LANES; j++) acc[j] += p[i + j] * dp[i + j];
+    float dot = lane_sum(acc);
+    for (; i < n; i++) dot += p[i] * dp[i];
+    for (i = 0; i < n; i++) dl[i] = scale * p[i] * (dp[i] - dot);
+}
+
+void vad_softmax_rows_backward(float *dlogits, const float *dprob, const float *prob, int rows, int cols, int ld,
+                               float scale) {
+    for (int r = 0; r < rows; r++)
+        softmax_grad_row(dlogits + (size_t)r * ld, dprob + (size_t)r * ld, prob + (size_t)r * ld, cols, scale);
+}
+
 /* ---------------------------------------------------------------- attention */
 
 typedef struct {
@@ -410,16 +461,6 @@ typedef struct {
     int T, D, heads;
 } attn_back_ctx;
 
-VAD_HOT static void softmax_grad_row(float *ds, const float *p, int n) {
-    float acc[VAD_LANES] = {0};
-    int i = 0;
-    for (; i + VAD_LANES <= n; i += VAD_LANES)
-        for (int j = 0; j < VAD_LANES; j++) acc[j] += p[i + j] * ds[i + j];
-    float dot = lane_sum(acc);
-    for (; i < n; i++) dot += p[i] * ds[i];
-    for (i = 0; i < n; i++) ds[i] = p[i] * (ds[i] - dot);
-}
-
 static void attention_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
     attn_back_ctx *c = (attn_back_ctx *)vctx;
     int T = c->T, D = c->D, dh = D / c->heads, rows = T < VAD_ATTN_ROWS ? T : VAD_ATTN_ROWS;
@@ -440,7 +481,7 @@ static void attention_back_task(void *vctx, int64_t begin, int64_t end, int tid)
             vad_softmax_rows_serial(P, rc, T, T, scale);
             vad_sgemm(1, 0, T, dh, rc, 1.0f, P, T, dOc, D, acc, dV, 3 * D);
             vad_sgemm(0, 1, rc, T, dh, 1.0f, dOc, D, V, 3 * D, 0.0f, dS, T);
-            for (int r = 0; r < rc; r++) softmax_grad_row(dS + (size_t)r * T, P + (size_t)r * T, T);
+            vad_softmax_rows_backward(dS, dS, P, rc, T, T, 1.0f);
             vad_sgemm(0, 0, rc, dh, T, scale, dS, T, K, 3 * D, 0.0f, dQ + (size_t)r0 * 3 * D, 3 * D);
             vad_sgemm(1, 0, T, dh, rc, scale, dS, T, Qc, 3 * D, acc, dK, 3 * D);
         }

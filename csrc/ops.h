@@ -1,4 +1,4 @@
-/* Multithreaded building blocks on row-major float arrays (forward passes).
+/* Multithreaded building blocks on row-major float arrays, each backward beside its forward.
  * Each op partitions rows over the pool; results do not depend on the thread count. */
 #ifndef VAD_OPS_H
 #define VAD_OPS_H
@@ -23,6 +23,12 @@ void vad_linear(vad_pool *pool, float *out, int ldc, const float *in, int lda, c
 /* din[M,K] = dout[M,N] . W[N,K] (+ beta*din): the input gradient of vad_linear. */
 void vad_linear_backward_input(vad_pool *pool, float *din, int ldd, const float *dout, int ldo, const float *W,
                                int M, int N, int K, float beta);
+
+/* The whole backward of vad_linear (y[M,N] = x[M,K] W[N,K]^T + b): dx = dx_beta * dx + dy W,
+ * dW += dy^T x, db += column sums of dy (double accumulation, rows in order). Each output may be
+ * NULL. */
+void vad_linear_backward(vad_pool *pool, float *dx, float dx_beta, float *dW, float *db, const float *dy,
+                         const float *x, const float *W, int M, int N, int K);
 
 /* LayerNorm over the last dim (biased variance). out may alias in. Rows have stride ld. */
 void vad_layernorm(vad_pool *pool, float *out, int ld_out, const float *in, int ld_in,
@@ -51,6 +57,11 @@ void vad_residual_add(vad_pool *pool, float *x, const float *y, const float *sca
 
 /* Softmax of each row of x [rows, cols] (stride ld), in place, after multiplying by `scale`. */
 void vad_softmax_rows_serial(float *x, int rows, int cols, int ld, float scale);
+
+/* Backward of vad_softmax_rows_serial: dlogits = scale * p * (dprob - sum(dprob * p)) per row, from
+ * the probabilities p (stride ld for all three). dlogits may alias dprob. */
+void vad_softmax_rows_backward(float *dlogits, const float *dprob, const float *prob, int rows, int cols, int ld,
+                               float scale);
 
 /* Query rows per attention block: each worker holds one VAD_ATTN_ROWS x T score block. */
 #define VAD_ATTN_ROWS 256

@@ -44,3 +44,59 @@ void vad_resize_bilinear(float *out, const float *in, int C, int Hin, int Win, i
 void vad_resize_bilinear_add(float *out, const float *in, int Hin, int Win, int Hout, int Wout) {
     bilinear(out, in, 1, Hin, Win, Hout, Wout, 1);
 }
+
+/* One output coordinate's two taps along an axis, in the form the adjoint needs: when both taps
+ * fall on the same input (the clamped border) their weights are merged into the first. */
+typedef struct {
+    int i0, i1;
+    float w0, w1;
+} bilinear_tap;
+
+static bilinear_tap axis_tap(int in, int out, int dst) {
+    bilinear_tap t;
+    float l0, l1;
+    bilinear_coeffs(in, out, dst, &t.i0, &t.i1, &l0, &l1);
+    if (t.i0 == t.i1) {
+        t.w0 = l0 + l1;
+        t.w1 = 0.0f;
+    } else if (l1 == 0.0f) {
+        t.i1 = t.i0;
+        t.w0 = l0;
+        t.w1 = 0.0f;
+    } else {
+        t.w0 = l0;
+        t.w1 = l1;
+    }
+    return t;
+}
+
+size_t vad_resize_bilinear_backward_bytes(int Hin, int Win, int Hout, int Wout) {
+    (void)Hin;
+    return (size_t)Wout * sizeof(bilinear_tap) + (size_t)Hout * Win * sizeof(float);
+}
+
+void vad_resize_bilinear_backward(float *din, const float *dout, int Hin, int Win, int Hout, int Wout,
+                                  void *scratch) {
+    bilinear_tap *xt = (bilinear_tap *)scratch;
+    float *tmp = (float *)(xt + Wout); /* [Hout, Win]: dout summed along x */
+    for (int x = 0; x < Wout; x++) xt[x] = axis_tap(Win, Wout, x);
+    for (size_t i = 0; i < (size_t)Hout * Win; i++) tmp[i] = 0.0f;
+    for (int y = 0; y < Hout; y++) {
+        const float *d = dout + (size_t)y * Wout;
+        float *t = tmp + (size_t)y * Win;
+        for (int x = 0; x < Wout; x++) {
+            t[xt[x].i0] += xt[x].w0 * d[x];
+            t[xt[x].i1] += xt[x].w1 * d[x];
+        }
+    }
+    for (size_t i = 0; i < (size_t)Hin * Win; i++) din[i] = 0.0f;
+    for (int y = 0; y < Hout; y++) {
+        bilinear_tap yt = axis_tap(Hin, Hout, y);
+        const float *t = tmp + (size_t)y * Win;
+        float *a = din + (size_t)yt.i0 * Win, *b = din + (size_t)yt.i1 * Win;
+        for (int x = 0; x < Win; x++) {
+            a[x] += yt.w0 * t[x];
+            b[x] += yt.w1 * t[x];
+        }
+    }
+}

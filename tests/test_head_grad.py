@@ -296,3 +296,27 @@ def test_bad_arguments_raise():
     eng_small, _, _ = make_engine(big, layers, D)
     with pytest.raises(ValueError, match="position"):
         eng_small.loss_and_grad(feats, ta, tn, S, labels, None, None, 4)
+
+
+@pytest.mark.parametrize("case", [0, 2, 3])
+def test_inference_maps_are_the_trainers_forward_with_dropout_zero(case):
+    """One head forward serves both: the trainer's per-layer maps at dropout 0 equal the
+    inference head's unfiltered layer maps bit for bit (with dropout they differ)."""
+    D, layers, sca, saf, hidden, B, S, P, labels, has_mask, ratio = CASES[case]
+    seed = D + B + S
+    head = make_head(D, layers, seed, sca_layers=sca, saf_layers=saf, saf_hidden=hidden)
+    eng, _, _ = make_engine(head, layers, D)
+    g = S // P
+    feats, ta, tn = make_inputs(B, g * g, D, len(layers), seed)
+    labels = np.array(labels, np.float32)
+    masks = blob_masks(B, S, labels, seed)
+    k = ref.topk_count(S, ratio)
+    _, _, inference, _ = eng.maps(feats, ta, tn, S, 4.0, k, layer_maps=True)
+    trained = np.full((len(layers), B, S, S), np.nan, np.float32)
+    eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k, layer_maps=trained)
+    np.testing.assert_array_equal(trained, inference)
+    dropped = np.empty_like(trained)
+    eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k, dropout=0.1, seed=3, layer_maps=dropped)
+    assert np.abs(dropped - inference).max() > 1e-3
+    with pytest.raises(ValueError, match="layer_maps"):
+        eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k, layer_maps=np.zeros((len(layers), 1, S, S), np.float32))
