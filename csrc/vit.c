@@ -10,6 +10,7 @@
 #include "panel_gemm.h"
 #include "posembed.h"
 #include "vit_internal.h"
+#include "workspace.h"
 
 /* ------------------------------------------------------------------ layout */
 
@@ -168,34 +169,33 @@ int vad_vit_seq_len(const vad_vit *m, int S, int n_inserted) {
 
 /* ------------------------------------------------------------------ workspace */
 
-int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T) {
-    if (m->ws && m->ws_B == B && m->ws_S == S && m->ws_T == T) return VAD_OK;
-    free(m->ws);
-    m->ws = NULL;
+/* The forward's buffers for batch B, side S, sequence T: one list for sizing and carving. */
+static void workspace_walk(vad_carver *cv, vad_vit *m, int B, int S, int T) {
     const vad_vit_config *c = &m->cfg;
     size_t D = (size_t)c->width, BT = (size_t)B * T, g = (size_t)(S / c->patch);
     size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * (size_t)c->mlp_hidden : (size_t)c->mlp_hidden;
-    size_t n_x = BT * D, n_h = BT * D, n_proj = BT * D, n_qkv = BT * 3 * D, n_mlp = BT * fc1_out;
-    size_t n_mlp2 = c->activation == VAD_ACT_SWIGLU ? BT * (size_t)c->mlp_hidden : 0;
-    size_t n_scr = vad_attention_scratch(T, vad_pool_size(m->pool));
-    size_t n_cols = (size_t)B * g * g * 3 * c->patch * c->patch;
-    /* the im2col buffer is only live before the first block: share it with the MLP buffer */
-    size_t n_shared = n_mlp > n_cols ? n_mlp : n_cols;
-    size_t total = n_x + n_h + n_proj + n_qkv + n_shared + n_mlp2 + n_scr;
-    m->ws = (float *)malloc(total * sizeof(float));
-    if (!m->ws) {
-        m->ws_B = 0;
+    size_t n_mlp = BT * fc1_out, n_cols = (size_t)B * g * g * 3 * c->patch * c->patch;
+    m->x = vad_take_floats(cv, BT * D);
+    m->h = vad_take_floats(cv, BT * D);
+    m->proj = vad_take_floats(cv, BT * D);
+    m->qkv = vad_take_floats(cv, BT * 3 * D);
+    /* the im2col buffer is only live before the first block: it shares the MLP buffer */
+    m->mlp = m->cols = vad_take_floats(cv, n_mlp > n_cols ? n_mlp : n_cols);
+    m->mlp2 = c->activation == VAD_ACT_SWIGLU ? vad_take_floats(cv, BT * (size_t)c->mlp_hidden) : NULL;
+    m->scratch = vad_take_floats(cv, vad_attention_scratch(T, vad_pool_size(m->pool)));
+}
+
+int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T) {
+    if (m->ws && m->ws_B == B && m->ws_S == S && m->ws_T == T) return VAD_OK;
+    free(m->ws);
+    m->ws_B = 0;
+    vad_carver carve = {NULL, 0};
+    workspace_walk(&carve, m, B, S, T);
+    size_t bytes = carve.bytes;
+    if (!(m->ws = (float *)vad_carve_begin(&carve)))
         return vad_fail(VAD_ERR_MEMORY, "out of memory: the backbone workspace needs %.1f MB for "
-                        "batch %d at %dx%d", (double)total * 4 / 1e6, B, S, S);
-    }
-    float *p = m->ws;
-    m->x = p; p += n_x;
-    m->h = p; p += n_h;
-    m->proj = p; p += n_proj;
-    m->qkv = p; p += n_qkv;
-    m->mlp = p; m->cols = p; p += n_shared;
-    m->mlp2 = n_mlp2 ? p : NULL; p += n_mlp2;
-    m->scratch = p;
+                        "batch %d at %dx%d", (double)bytes / 1e6, B, S, S);
+    workspace_walk(&carve, m, B, S, T);
     m->ws_B = B;
     m->ws_S = S;
     m->ws_T = T;

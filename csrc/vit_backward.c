@@ -9,30 +9,33 @@
 #include "ops.h"
 #include "panel_gemm.h"
 #include "vit_internal.h"
+#include "workspace.h"
+
+/* The backward's buffers for batch B and sequence T: one list for sizing and carving. */
+static void train_workspace_walk(vad_carver *cv, vad_vit *m, int B, int T) {
+    const vad_vit_config *c = &m->cfg;
+    size_t D = (size_t)c->width, BT = (size_t)B * T, Hm = (size_t)c->mlp_hidden;
+    size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * Hm : Hm;
+    m->x1 = vad_take_floats(cv, BT * D);
+    m->dx1 = vad_take_floats(cv, BT * D);
+    m->dtmp = vad_take_floats(cv, BT * D);
+    m->dqkv = vad_take_floats(cv, 3 * BT * D);
+    m->f = vad_take_floats(cv, BT * fc1_out);
+    m->dg = vad_take_floats(cv, BT * Hm);
+    m->wtmp = vad_take_floats(cv, fc1_out * D > 3 * D * D ? fc1_out * D : 3 * D * D); /* the largest block weight */
+    m->scratch2 = vad_take_floats(cv, vad_attention_backward_scratch(T, vad_pool_size(m->pool)));
+}
 
 static int ensure_train_workspace(vad_vit *m, int B, int T) {
     if (m->tws && m->tws_B == B && m->tws_T == T) return VAD_OK;
     free(m->tws);
-    const vad_vit_config *c = &m->cfg;
-    size_t D = (size_t)c->width, BT = (size_t)B * T, Hm = (size_t)c->mlp_hidden;
-    size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * Hm : Hm;
-    size_t n_scr = vad_attention_backward_scratch(T, vad_pool_size(m->pool));
-    size_t n_w = fc1_out * D > 3 * D * D ? fc1_out * D : 3 * D * D;
-    size_t total = 4 * BT * D + 3 * BT * D + BT * fc1_out + BT * Hm + n_w + n_scr;
-    m->tws = (float *)malloc(total * sizeof(float));
-    if (!m->tws) {
-        m->tws_B = 0;
-        return vad_fail(VAD_ERR_MEMORY, "out of memory: the backward workspace needs %.1f MB", (double)total * 4 / 1e6);
-    }
-    float *p = m->tws;
-    m->x1 = p; p += BT * D;
-    m->dx1 = p; p += BT * D;
-    m->dtmp = p; p += BT * D;
-    m->dqkv = p; p += 3 * BT * D;
-    m->f = p; p += BT * fc1_out;
-    m->dg = p; p += BT * Hm;
-    m->wtmp = p; p += n_w;
-    m->scratch2 = p;
+    m->tws_B = 0;
+    vad_carver carve = {NULL, 0};
+    train_workspace_walk(&carve, m, B, T);
+    size_t bytes = carve.bytes;
+    if (!(m->tws = (float *)vad_carve_begin(&carve)))
+        return vad_fail(VAD_ERR_MEMORY, "out of memory: the backward workspace needs %.1f MB", (double)bytes / 1e6);
+    train_workspace_walk(&carve, m, B, T);
     m->tws_B = B;
     m->tws_T = T;
     return VAD_OK;
