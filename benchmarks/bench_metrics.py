@@ -1,4 +1,4 @@
-"""Speed of visualad.metrics (issue 6 targets).
+"""Speed of visualad.metrics against its targets.
 
 1. Pixel AUROC on 20M points (3% anomalous, float32 scores) vs sklearn.metrics.roc_auc_score:
    target >= 10x faster.

@@ -1,4 +1,4 @@
-/* AdamW with per-segment learning rates, and gradient-norm clipping (SPEC §3).
+/* AdamW with per-segment learning rates, and gradient-norm clipping (docs/method.md §11).
  *
  * Parameters, gradients and the two moment buffers share one layout (e.g. the head layout of
  * head.h); a segment table gives each tensor (or group of tensors) its own lr and weight decay.

@@ -1,6 +1,6 @@
-/* The trainable VisualAD head: per used layer a Spatial Cross-Attention (SCA) on the two tokens
- * and a Spatial Adaptive Feature transform (SAF) on the patches, the cosine-contrast maps,
- * their S x S fusion, the gaussian filter and the top-k image score (SPEC §1 items 7-12).
+/* The trainable VisualAD head: per used layer a Spatial-Aware Cross-Attention (SCA) on the two
+ * tokens and a Self-Alignment Function (SAF) on the patches, the cosine-contrast maps, their S x S
+ * fusion, the gaussian filter and the top-k image score (docs/method.md §5-§8).
  * Weights live in one caller-owned float buffer (layout: vad_head_layout). */
 #ifndef VAD_HEAD_H
 #define VAD_HEAD_H

@@ -1,4 +1,4 @@
-/* Training of the VisualAD head (SPEC §3): the loss of a batch and its gradient with respect to
+/* Training of the VisualAD head (docs/method.md §10, §12): the loss of a batch and its gradient with respect to
  * the SCA / SAF weights and to the head inputs (the ln_post'd patch features and final tokens,
  * whose gradients the backbone backward carries on to t_a, t_n and ln_post).
  *
@@ -32,7 +32,7 @@
  * Losses (written to losses[4] = {cls, seg, contrastive, total}):
  *   seg  = sum_l [ Focal(p_l) + Dice(p_l) ], p_l = sigmoid(m_l), computed on the images with
  *          has_mask = 1 only (Focal = mean over their pixels, Dice = 1 - mean of their dice
- *          coefficients); 0 when no image has a mask. With every has_mask = 1 this is SPEC §3.
+ *          coefficients); 0 when no image has a mask. With every has_mask = 1 this is docs/method.md §10.
  *   cls  = mean_b BCE-with-logits(top-k mean of sum_l m_l (unfiltered), label_b)
  *   contrastive = mean_b max(0, cos(t_a'_b, t_n'_b) + 0.5), tokens of the last used layer
  *   total = cls + seg + contrastive

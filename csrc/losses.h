@@ -1,4 +1,4 @@
-/* The VisualAD training losses (SPEC §3), each forward beside its backward.
+/* The VisualAD training losses (docs/method.md §10), each forward beside its backward.
  *
  * Maps are per-pixel logits m (the unfiltered S x S layer maps); p = sigmoid(m). Ground truth
  * gt is a {0,1} float mask of the same size (a value > 0.5 counts as anomalous), or NULL for an

@@ -1011,7 +1011,7 @@ static PyObject *py_aupro_anomalyclip(PyObject *self, PyObject *args) {
 /* ====== metrics (end) */
 
 /* ====== head training (begin) */
-/* Head.loss_and_grad (SPEC §3 losses and the head's gradients, csrc/head_train.h), AdamW and
+/* Head.loss_and_grad (docs/method.md §10 losses and the head's gradients, csrc/head_train.h), AdamW and
  * gradient-norm clipping (csrc/adamw.h), and the dropout mask (for tests). */
 #include "adamw.h"
 #include "head_train.h"

@@ -1,22 +1,22 @@
-"""Independent PyTorch reference for VisualAD (SPEC.md sections 1-3).
+"""Independent PyTorch reference for VisualAD (docs/method.md).
 
 This module is the yardstick the C engine is tested against.  It is written
-from /work/shared/SPEC.md, plainly and in float32, using torch.nn.functional
-ops wherever the SPEC names a PyTorch behaviour (layer_norm, interpolate,
+from docs/method.md, plainly and in float32, using torch.nn.functional
+ops wherever docs/method.md names a PyTorch behaviour (layer_norm, interpolate,
 cosine_similarity, normalize, softmax, gelu, ...).  It deliberately does not
 import anything from the `visualad` package.
 
 Weights are plain dicts {name: torch.Tensor float32}:
   * CLIP backbones in OpenAI naming ("visual.*"),
   * DINOv2 backbones in torch-hub naming ("patch_embed.proj.weight", ...),
-  * VisualAD heads in the official head-checkpoint layout (SPEC section 4):
+  * VisualAD heads in the official head-checkpoint layout (docs/checkpoints.md):
     {"anomaly_token", "normal_token", "ln_post_weight", "ln_post_bias",
      "features_list", "image_size", "layer_transforms": {"layer_6": {...}},
      "cross_attn": {"layer_attentions.layer_6.q_proj.weight": ...},
      "cross_attn_config": {...}, ...}
 
-Facts checked against public sources (beyond the SPEC) are marked "VERIFIED"
-in comments; points the SPEC leaves open are marked "AMBIGUITY".
+Facts checked against public sources (beyond docs/method.md) are marked "VERIFIED"
+in comments; points docs/method.md leaves open are marked "AMBIGUITY".
 
 Notes on the public release (7HHHHH/VisualAD), read to settle open points:
   * train.py builds SCA with apply_to_layer24=True (a module for every used layer, saved
@@ -28,7 +28,7 @@ Notes on the public release (7HHHHH/VisualAD), read to settle open points:
   * anomaly_pos / normal_pos are copies of the class position and frozen
     (setup_model_training freezes every backbone parameter, they are not in the optimizer).
   * utils/scoring.py (top-k), utils/loss.py (Focal/Dice/Contrastive) and
-    utils/analysis.py (test-time image score) are not public: those follow the SPEC text.
+    utils/analysis.py (test-time image score) are not public: those follow docs/method.md.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def random_dinov2_state(width, depth, patch=14, grid=37, heads=None, registers=0
 
 def random_head(width, layers, num_anchors=4, max_patches=1536, seed=0, image_size=518,
                 sca_layers=None, res_scale=0.5) -> dict:
-    """Random VisualAD head in the OFFICIAL head-checkpoint layout (SPEC section 4).
+    """Random VisualAD head in the OFFICIAL head-checkpoint layout (docs/checkpoints.md).
 
     sca_layers: layers that get an SCA module (default: all of `layers`, which is what the
     published train.py builds with apply_to_layer24=True).  Pass e.g. layers[:-1] to get
@@ -262,7 +262,7 @@ def head_to_torch(head: dict, requires_grad: bool = True) -> dict:
 
 def flatten_head(head: dict) -> Dict[str, torch.Tensor]:
     """The trainable head tensors keyed by the flattened official names used by
-    API.md loss_and_grad: anomaly_token, normal_token, ln_post_weight, ln_post_bias,
+    docs/api.md loss_and_grad: anomaly_token, normal_token, ln_post_weight, ln_post_bias,
     layer_transforms.layer_6.mlp.0.weight, cross_attn.layer_attentions.layer_6.q_proj.weight, ..."""
     out = {}
     for k in ("anomaly_token", "normal_token", "ln_post_weight", "ln_post_bias"):
@@ -324,12 +324,12 @@ def _check_layers(layers, depth):
 
 
 # =====================================================================================
-# CLIP tower (SPEC 1.1-1.4)
+# CLIP tower (docs/method.md §2-§3)
 # =====================================================================================
 
 def clip_patch_positions(pos: torch.Tensor, g: int) -> torch.Tensor:
     """Patch rows of the positional embedding for a g x g grid: [g*g, D].
-    SPEC 1.3: bilinear, align_corners=False, no antialias (F.interpolate with size=)."""
+    docs/method.md §2: bilinear, align_corners=False, no antialias (F.interpolate with size=)."""
     pos = _t(pos)
     G0 = _isqrt_exact(pos.shape[0] - 1, "visual.positional_embedding")
     patch = pos[1:]
@@ -343,7 +343,7 @@ def clip_patch_positions(pos: torch.Tensor, g: int) -> torch.Tensor:
 
 def clip_tower(state, images, layers, inserted=None, heads=None, eps=1e-5) -> dict:
     """OpenAI CLIP vision tower, optionally with `inserted` [k,D] tokens placed before
-    the class token, each with the class position (SPEC 1.2-1.4).
+    the class token, each with the class position (docs/method.md §2-§3).
 
     Returns {"hidden": {l: [B,T,D]} for each l in `layers` (0 = after ln_pre, l = residual
     stream after block l, 1-based), "final": [B,T,D] stream after the last block,
@@ -389,7 +389,7 @@ def clip_tower(state, images, layers, inserted=None, heads=None, eps=1e-5) -> di
 
 
 # =====================================================================================
-# DINOv2 tower (SPEC 2)
+# DINOv2 tower (docs/method.md §9)
 # =====================================================================================
 
 def dinov2_patch_positions(pos_embed: torch.Tensor, g: int, registers: int, mode=None) -> torch.Tensor:
@@ -408,7 +408,7 @@ def dinov2_patch_positions(pos_embed: torch.Tensor, g: int, registers: int, mode
       * interpolation runs in float32 (pos_embed.float()).
     AMBIGUITY: transformers' Dinov2Model resizes with size=(g,g) without antialias (not the
     hub rule); only Dinov2WithRegistersModel matches the hub rule.  We follow the hub code
-    as SPEC section 2 asks.
+    as docs/method.md §9 asks.
     mode: None (by registers), "offset" or "size_aa" to force a rule."""
     pos_embed = _t(pos_embed)
     D = pos_embed.shape[-1]
@@ -432,7 +432,7 @@ def dinov2_patch_positions(pos_embed: torch.Tensor, g: int, registers: int, mode
 
 
 def dinov2_tower(state, images, layers, inserted=None, eps=1e-6, heads=None, pos_mode=None) -> dict:
-    """DINOv2 ViT: sequence [inserted..., cls, reg_1..reg_R, patches] (SPEC 2).
+    """DINOv2 ViT: sequence [inserted..., cls, reg_1..reg_R, patches] (docs/method.md §9).
     cls and inserted tokens get the cls position, registers none.
 
     Returns {"hidden": {l: [B,T,D]} (0 = embeddings), "final": [B,T,D] (before `norm`),
@@ -491,7 +491,7 @@ def dinov2_tower(state, images, layers, inserted=None, eps=1e-6, heads=None, pos
 
 
 # =====================================================================================
-# VisualAD head (SPEC 1.5-1.12)
+# VisualAD head (docs/method.md §4-§8)
 # =====================================================================================
 
 def _default_eps(family):
@@ -507,11 +507,11 @@ def _tower(family, state, images, layers, inserted, eps, heads):
 
 
 def visualad_encode(family, state, head, images, layers, eps=None, heads=None) -> dict:
-    """API.md encode(): {"layers": {l: [B,N,D] = ln_post(x_l) patch tokens},
+    """docs/api.md encode(): {"layers": {l: [B,N,D] = ln_post(x_l) patch tokens},
     "anomaly_token", "normal_token": [B,D] = ln_post(x_L)[:,0], [:,1] (before SCA),
     "grid": g}.  ln_post is the head's (trained) one, applied to the whole sequence
     (it is per-token, so slicing first is equivalent).  Tokens come from the FINAL block
-    whatever `layers` is (SPEC 1.6).  eps: backbone LayerNorm eps (CLIP 1e-5,
+    whatever `layers` is (docs/method.md §4).  eps: backbone LayerNorm eps (CLIP 1e-5,
     DINOv2 1e-6), also used for ln_post (it replaces the backbone's own final norm)."""
     eps = _default_eps(family) if eps is None else eps
     layers = [int(l) for l in layers]
@@ -537,7 +537,7 @@ def _sca_params(head, layer):
 
 
 def sca(params: dict, token: torch.Tensor, patches: torch.Tensor, att_mask=None, out_mask=None) -> torch.Tensor:
-    """Spatial cross-attention (SPEC 1.7).  token [B,D], patches [B,N,D].
+    """Spatial-Aware Cross-Attention, SCA (docs/method.md §5).  token [B,D], patches [B,N,D].
     Param names as in the official checkpoint, minus the 'layer_attentions.layer_l.' prefix.
     VERIFIED against 7HHHHH/VisualAD utils/spatial_cross_attention.py
     (SpatialBottleneckAttention): LayerNorms are nn.LayerNorm defaults (eps 1e-5), scale is
@@ -567,7 +567,7 @@ def sca(params: dict, token: torch.Tensor, patches: torch.Tensor, att_mask=None,
 
 
 def saf(params: dict, patches: torch.Tensor, hidden_mask=None, out_mask=None) -> torch.Tensor:
-    """SAF (SPEC 1.8): mlp.3(GELU_erf(mlp.0(P))), no residual.  Dropout (training, SPEC 1.8:
+    """Self-Alignment Function, SAF (docs/method.md §6): mlp.3(GELU_erf(mlp.0(P))), no residual.  Dropout (training, docs/method.md §11:
     after the GELU and after W2): hidden_mask [B,N,H], out_mask [B,N,D] multipliers; None = none."""
     h = F.gelu(_linear(patches, params["mlp.0.weight"], params["mlp.0.bias"]))
     if hidden_mask is not None:
@@ -577,7 +577,7 @@ def saf(params: dict, patches: torch.Tensor, hidden_mask=None, out_mask=None) ->
 
 
 def layer_map(patches_hat, ta, tn, grid, S) -> torch.Tensor:
-    """SPEC 1.9: per-patch cos(P, ta) - cos(P, tn), g x g -> S x S bilinear.
+    """docs/method.md §7: per-patch cos(P, ta) - cos(P, tn), g x g -> S x S bilinear.
 
     Follows the official generate_anomaly_map_from_tokens (VERIFIED, 7HHHHH/VisualAD
     train.py/test.py): tokens are F.normalize(eps=1e-8)'d (test.py normalises once and the
@@ -636,8 +636,8 @@ def gaussian_filter_ref(maps: torch.Tensor, sigma: float = 4.0, truncate: float 
 
 
 def topk_count(S: int, topk_ratio: float) -> int:
-    """k = ceil(S*S*ratio) (SPEC 1.12), at least 1.
-    AMBIGUITY: the official utils/scoring.py is not public; ceil() is SPEC's word.  The
+    """k = ceil(S*S*ratio) (docs/method.md §8), at least 1.
+    AMBIGUITY: the official utils/scoring.py is not public; ceil() is what docs/method.md §8 states.  The
     product is a Python float; e.g. 518*518*0.01 = 2683.24 -> 2684."""
     return max(1, int(math.ceil(S * S * float(topk_ratio))))
 
@@ -687,7 +687,7 @@ def _forward(family, state, head, images, layers, eps=None, heads=None):
 
 
 def visualad_maps(family, state, head, images, layers, sigma=4.0, topk_ratio=0.01, eps=None, heads=None) -> dict:
-    """SPEC items 7-12.  Returns {"layer_maps": {l: [B,S,S]} unfiltered per-layer maps,
+    """docs/method.md §5-§8.  Returns {"layer_maps": {l: [B,S,S]} unfiltered per-layer maps,
     "fused": [B,S,S] their sum, "final": gaussian-filtered fused map, "scores": [B] top-k
     mean of "final", "tokens": {l: (ta', tn')}}."""
     enc, maps, tokens = _forward(family, state, head, images, layers, eps, heads)
@@ -700,7 +700,7 @@ def visualad_maps(family, state, head, images, layers, sigma=4.0, topk_ratio=0.0
 
 
 # =====================================================================================
-# losses (SPEC 3)
+# losses (docs/method.md §10)
 # =====================================================================================
 
 def focal_loss(p: torch.Tensor, gt: torch.Tensor, gamma=2.0, smooth=1e-5) -> torch.Tensor:
@@ -723,7 +723,7 @@ def dice_loss(p: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 def visualad_losses(family, state, head, images, labels, masks, layers, topk_ratio=0.01,
                     eps=None, heads=None, has_mask=None) -> dict:
-    """SPEC 3 losses with dropout 0: {"cls", "seg", "contrastive", "total"} (torch scalars).
+    """The docs/method.md §10 losses with dropout 0: {"cls", "seg", "contrastive", "total"} (torch scalars).
 
     Use head = head_to_torch(head, requires_grad=True) and call total.backward(): the
     gradient reaches every trainable head tensor, t_a and t_n through the frozen backbone.
@@ -736,7 +736,7 @@ def visualad_losses(family, state, head, images, labels, masks, layers, topk_rat
 
 def visualad_head_losses(head, feats, ta, tn, labels, masks, layers, S, topk_ratio=0.01, has_mask=None,
                          dropout_masks=None) -> dict:
-    """The SPEC 3 losses from the encode outputs alone (feats {l: [B,N,D]}, ta/tn [B,D]: pass
+    """The docs/method.md §10 losses from the encode outputs alone (feats {l: [B,N,D]}, ta/tn [B,D]: pass
     leaf tensors with requires_grad to get their gradients), so the head can be checked apart
     from the backbone.  dropout_masks: see head_forward."""
     layers = [int(l) for l in layers]
@@ -745,14 +745,14 @@ def visualad_head_losses(head, feats, ta, tn, labels, masks, layers, S, topk_rat
 
 
 def losses_from_maps(maps, tokens, layers, labels, masks, topk_ratio=0.01, has_mask=None) -> dict:
-    """SPEC 3 losses from the per-layer unfiltered maps {l: [B,S,S]} and SCA tokens.
+    """The docs/method.md §10 losses from the per-layer unfiltered maps {l: [B,S,S]} and SCA tokens.
 
     has_mask [B] (default all true): the segmentation loss (Focal + Dice per layer) is computed
     on the sub-batch of images whose mask counts, exactly as if only they were in the batch
     (Focal = mean over their pixels, Dice = 1 - mean of their coefficients); 0 when none counts.
     This is how a defective image without a ground-truth mask is handled (it contributes only
     the classification and contrastive terms); a good image without a mask should be passed
-    with has_mask true and a zero mask.  With every has_mask true this is SPEC 3 verbatim."""
+    with has_mask true and a zero mask.  With every has_mask true this is docs/method.md §10 verbatim."""
     layers = [int(l) for l in layers]
     first = maps[layers[0]]
     B = first.shape[0]
@@ -775,7 +775,7 @@ def losses_from_maps(maps, tokens, layers, labels, masks, topk_ratio=0.01, has_m
 
 
 # =====================================================================================
-# preprocessing (SPEC 1, "Input preprocessing")
+# preprocessing (docs/method.md §1)
 # =====================================================================================
 
 def preprocess_reference(pil_image, S, family) -> np.ndarray:
@@ -800,7 +800,7 @@ def preprocess_mask_reference(pil_mask, S) -> np.ndarray:
 
 
 # =====================================================================================
-# training step reference (SPEC 3) — plain torch.optim.AdamW
+# training step reference (docs/method.md §11) — plain torch.optim.AdamW
 # =====================================================================================
 
 def make_optimizer(head_t: dict, lr: float = 1e-3, weight_decay: float = 0.01) -> torch.optim.AdamW:
@@ -896,7 +896,7 @@ def dinov2_to_hf(state: dict, new_names: bool = True) -> dict:
     """DINOv2 hub naming -> transformers Dinov2Model / Dinov2WithRegistersModel.
     new_names=True: transformers >= 5 (attention.q_proj/.../o_proj, mlp.gate_proj/up_proj/
     down_proj); False: the 4.x / on-disk names (attention.attention.query, ...,
-    attention.output.dense, mlp.weights_in/weights_out) that SPEC section 4 lists.
+    attention.output.dense, mlp.weights_in/weights_out) that docs/checkpoints.md lists.
     VERIFIED in installed transformers 5.24 conversion_mapping.py: weights_in is split with
     Chunk(dim=0) into gate_proj (first half) and up_proj (second half), like w12's chunk."""
     o = {}

@@ -1,4 +1,4 @@
-"""AdamW, clipping and the cosine schedule (SPEC §3) against torch.optim.AdamW.
+"""AdamW, clipping and the cosine schedule (docs/method.md §11) against torch.optim.AdamW.
 
 Ten steps over three epochs from the same start with fixed random gradients: the published
 groups (lr 1e-3 for t_a and t_n, 1e-4 for ln_post / SAF / SCA, weight decay 0.01, betas

@@ -1,5 +1,5 @@
 """A backbone read from a file gives the same encode() output as the same weights passed as a
-dict in canonical naming (issue 4), for each container written by the real libraries."""
+dict in canonical naming, for each container written by the real libraries."""
 import numpy as np
 import pytest
 import torch

@@ -16,7 +16,7 @@ from visualad.errors import CheckpointError
 
 
 def official_head(width=32, layers=(6, 12), seed=0):
-    """A random head in the official VisualAD `CLIP.pth` layout (SPEC §4)."""
+    """A random head in the official VisualAD `CLIP.pth` layout (docs/checkpoints.md)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):

@@ -1,4 +1,4 @@
-"""DINOv2 backbones (SPEC §2): the plain tower against transformers, position resizing against the
+"""DINOv2 backbones (docs/method.md §9): the plain tower against transformers, position resizing against the
 reference of the original DINOv2 rule, and VisualAD(DINOv2) maps against the PyTorch reference."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Detector.encode against the PyTorch reference of SPEC §1 items 1-6 (tests/reference.py)."""
+"""Detector.encode against the PyTorch reference of docs/method.md §1-§4 (tests/reference.py)."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Head training (issue 7, head side): Head.loss_and_grad against PyTorch autograd on the
+"""Head training, head side: Head.loss_and_grad against PyTorch autograd on the
 independent reference (tests/reference.py: visualad_head_losses on leaf encode outputs).
 
 Tolerances: each loss term within 1e-4 relative; every SAF/SCA gradient and the input gradients

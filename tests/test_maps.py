@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores (SPEC §1 items 7-12) against the PyTorch reference, and the
+"""Anomaly maps and image scores (docs/method.md §5-§8) against the PyTorch reference, and the
 pieces against the libraries that define them (SciPy, torch.nn.functional, PIL + torch ops)."""
 import math
 

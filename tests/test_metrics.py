@@ -1,4 +1,4 @@
-"""visualad.metrics against scikit-learn and straightforward NumPy/SciPy implementations of SPEC §6."""
+"""visualad.metrics against scikit-learn and straightforward NumPy/SciPy implementations of docs/benchmarks.md's metric definitions."""
 import numpy as np
 import pytest
 from scipy import ndimage

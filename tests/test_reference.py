@@ -79,7 +79,7 @@ def test_clip_tower_default_heads_is_width_over_64():
 
 
 def test_clip_insert_aware_tower_matches_transformers_encoder():
-    """[t_a, t_n, cls, patches], t_a/t_n/cls all with the class position (SPEC 1.2-1.3),
+    """[t_a, t_n, cls, patches], t_a/t_n/cls all with the class position (docs/method.md §2),
     run through HF's own encoder layers."""
     W, L, P, G, H = 128, 3, 14, 4, 2
     st = R.random_clip_state(W, L, P, G, seed=4)
@@ -103,7 +103,7 @@ def test_clip_insert_aware_tower_matches_transformers_encoder():
 
 
 def _np_bilinear_spec(src, out):
-    """SPEC 1.3 formula: src = (dst+0.5)*(G0/g) - 0.5, negative clamped to 0, right edge
+    """docs/method.md §2 formula: src = (dst+0.5)*(G0/g) - 0.5, negative clamped to 0, right edge
     replicated; separable.  src [G0,G0,D] -> [out,out,D]."""
     G0 = src.shape[0]
     def axis_weights(n_in, n_out):
@@ -321,7 +321,7 @@ def test_encode_uses_final_block_tokens_and_head_ln_post():
 
 
 def _manual_sca(prm, token, P):
-    """Loop-per-anchor restatement of SPEC 1.7 (written differently on purpose)."""
+    """Loop-per-anchor restatement of docs/method.md §5 (written differently on purpose)."""
     B, N, D = P.shape
     E = prm["pos_encoding"][0, :N]
     out = []

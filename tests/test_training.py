@@ -1,4 +1,4 @@
-"""Training (SPEC §3) end to end: Detector.loss_and_grad against PyTorch autograd on the reference,
+"""Training (docs/method.md §10-§12) end to end: Detector.loss_and_grad against PyTorch autograd on the reference,
 Detector.fit against the reference's torch.optim.AdamW loop, reproducibility, convergence, the
 official head file, and the `visualad train` command."""
 import numpy as np

@@ -1,6 +1,6 @@
 """Backbone weights in canonical naming -> the C engine's configuration and weight buffer.
 
-Two canonical namings are accepted (API.md): OpenAI CLIP (``visual.*``) and DINOv2 hub
+Two canonical namings are accepted (docs/api.md): OpenAI CLIP (``visual.*``) and DINOv2 hub
 (``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...). The engine stores all weights
 in one float32 buffer whose layout it defines itself (``_engine.vit_layout``): most tensors
 row-major, the blocks' linear weights in column panels (``write_tensor`` / ``read_tensor``)."""

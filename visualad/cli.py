@@ -231,7 +231,7 @@ COMMANDS = {
     "eval": ("benchmark a detector on a dataset's test split (the paper's table)", _add_eval, _run_eval),
     "predict": ("score images and write overlays", _add_predict, _run_predict),
     "make-meta": ("write meta.json for a dataset in a folder/CSV layout", _add_make_meta, _run_make_meta),
-    "train": ("train a VisualAD head on an auxiliary dataset (SPEC §3 protocol)", _add_train, _run_train),
+    "train": ("train a VisualAD head on an auxiliary dataset (the protocol of docs/benchmarks.md)", _add_train, _run_train),
     "convert": ("convert a backbone (and head) into visualad's own single file", _add_convert, _run_convert),
 }
 

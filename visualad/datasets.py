@@ -1,4 +1,4 @@
-"""Anomaly-detection benchmark datasets (SPEC §5): readers, ground-truth masks, ``meta.json``.
+"""Anomaly-detection benchmark datasets (docs/benchmarks.md): readers, ground-truth masks, ``meta.json``.
 
 Supported sources (``kind``):
 
@@ -302,7 +302,7 @@ def write_meta(root, dataset_kind: str, out_path=None) -> str:
 # ----------------------------------------------------------------------------------------- masks
 
 def preprocess_mask(mask: Image.Image, size: int) -> np.ndarray:
-    """SPEC §1 mask rule: binarise (> 0), resize to S×S with PIL bilinear, pixel >= 128 is anomalous.
+    """The mask rule of docs/method.md §1: binarise (> 0), resize to S×S with PIL bilinear, pixel >= 128 is anomalous.
 
     Returns uint8 (S, S) with values 0/1."""
     binary = np.asarray(mask.convert("L")) > 0

@@ -1,4 +1,4 @@
-"""The scikit-learn style VisualAD detector (API.md)."""
+"""The scikit-learn style VisualAD detector (docs/api.md)."""
 from __future__ import annotations
 
 import inspect
@@ -71,7 +71,7 @@ class Detector:
     progress : bool
         Show progress bars on long runs.
     epochs, learning_rate, head_learning_rate, dropout :
-        Training hyper-parameters used by :meth:`fit` (SPEC §3 defaults).
+        Training hyper-parameters used by :meth:`fit` (docs/method.md §11 defaults).
     """
 
     def __init__(self, backbone, head=None, *, image_size=None, layers=None, sigma=4.0, topk_ratio=0.01,
@@ -238,7 +238,7 @@ class Detector:
         return losses, buf.flat_gradients(self.head_, layers)
 
     def fit(self, X, y, masks=None):
-        """Trains the head (starting from `head`, else a fresh seeded head) as SPEC §3 says.
+        """Trains the head (starting from `head`, else a fresh seeded head) as docs/method.md §10-§11 says.
 
         X: images in any accepted form; y: 0/1 labels; masks: None or one entry per image (None, a
         path, a PIL image or an array; see visualad.training.prepare_targets). AdamW with t_a/t_n at

@@ -1,4 +1,4 @@
-"""The paper's benchmark table (SPEC §6): a Detector run over a dataset, class by class.
+"""The paper's benchmark table (docs/benchmarks.md): a Detector run over a dataset, class by class.
 
 For every class of the test split: pixel AUROC, pixel F1-max, pixel AP, AUPRO in both definitions
 (:func:`visualad.metrics.aupro` and :func:`visualad.metrics.aupro_anomalyclip`), image AUROC, image

@@ -1,4 +1,4 @@
-"""The trainable VisualAD head in the official checkpoint layout (SPEC §4).
+"""The trainable VisualAD head in the official checkpoint layout (docs/checkpoints.md).
 
 A head is a dict::
 
@@ -37,7 +37,7 @@ def _xavier(rng: np.random.Generator, fan_out: int, fan_in: int) -> np.ndarray:
 
 def init_head(width: int, layers: list[int], ln_post: tuple, image_size: int, random_state: int = 111,
               num_anchors: int = NUM_ANCHORS, max_patches: int = MAX_PATCHES) -> dict:
-    """A fresh head initialised as SPEC §3 says (seeded by random_state)."""
+    """A fresh head initialised as docs/method.md §11 says (seeded by random_state)."""
     D = int(width)
     rng = np.random.default_rng(random_state)
     f32 = np.float32
@@ -196,7 +196,7 @@ def pack_head(head: dict, layers: list[int], width: int, layout: list, total: in
 
 
 def official_head(head: dict, layers: list[int], image_size: int, backbone_name: str) -> dict:
-    """The dict the official code saves (SPEC §4), ready for torch.save-compatible writing."""
+    """The dict the official code saves (docs/checkpoints.md), ready for torch.save-compatible writing."""
     out = {k: np.asarray(head[k], np.float32) for k in ("anomaly_token", "normal_token", "ln_post_weight",
                                                          "ln_post_bias")}
     out.update(features_list=[int(l) for l in layers], image_size=int(image_size),

@@ -1,4 +1,4 @@
-"""Exact anomaly-detection metrics (SPEC §6), computed in the C engine.
+"""Exact anomaly-detection metrics (docs/benchmarks.md), computed in the C engine.
 
 Every function takes NumPy arrays (or array-likes) of any shape, flattened; labels and masks are
 boolean or numeric with values 0 (normal) and 1 (anomalous); scores and maps are float32 or

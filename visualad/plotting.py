@@ -42,7 +42,7 @@ def _image_rgb(image, size: int) -> np.ndarray:
 
 
 def _mask_binary(mask, size: int) -> np.ndarray:
-    """bool (S, S); masks of another size follow the SPEC rule (binarise, bilinear, >= 128)."""
+    """bool (S, S); masks of another size follow the rule of docs/method.md §1 (binarise, bilinear, >= 128)."""
     if isinstance(mask, (str, os.PathLike)):
         with Image.open(mask) as im:
             im.load()

@@ -1,4 +1,4 @@
-"""Turning user inputs into normalised float32 batches (SPEC §1 preprocessing).
+"""Turning user inputs into normalised float32 batches (docs/method.md §1).
 
 decode -> RGB -> PIL bicubic resize to S x S -> /255 -> (x - mean) / std, all in float32 as
 torchvision's Resize + ToTensor + Normalize do on a PIL image."""
@@ -48,7 +48,7 @@ def normalize_pil(im: Image.Image, size: int, mean: Sequence[float], std: Sequen
 
 
 class ImageSource:
-    """A uniform, indexable view of every input form API.md accepts, decoded lazily."""
+    """A uniform, indexable view of every input form docs/api.md accepts, decoded lazily."""
 
     def __init__(self, X, size: int, mean, std):
         self.size, self.mean, self.std = int(size), mean, std

@@ -28,7 +28,7 @@ HEAD_TENSORS = ("anomaly_token", "normal_token", "ln_post_weight", "ln_post_bias
 
 
 def flatten_head(head: dict) -> dict:
-    """Official nested head -> {flattened name: array} (API.md gradient naming)."""
+    """Official nested head -> {flattened name: array} (docs/api.md gradient naming)."""
     flat = {k: head[k] for k in HEAD_TENSORS}
     for lname, sd in head.get("layer_transforms", {}).items():
         for k, v in sd.items():

@@ -1,4 +1,4 @@
-"""Training the VisualAD head (SPEC §3): targets, one loss-and-gradient pass, and the AdamW loop.
+"""Training the VisualAD head (docs/method.md §10-§12): targets, one loss-and-gradient pass, and the AdamW loop.
 
 The C engine does all the numerical work: the backbone's training forward and its input-gradient
 backward (``Backbone.encode_train`` / ``encode_backward``), the head's losses and gradients
@@ -117,12 +117,12 @@ class HeadBuffers:
         return out
 
     def flat_gradients(self, head: dict, layers: list) -> dict:
-        """The gradient keyed by flattened official names (API.md loss_and_grad)."""
+        """The gradient keyed by flattened official names (docs/api.md loss_and_grad)."""
         from .savefile import flatten_head
         return {k: np.asarray(v, np.float32) for k, v in flatten_head(self.to_official(head, layers, self.grad)).items()}
 
     def segments(self, token_lr: float, head_lr: float) -> list:
-        """AdamW groups (SPEC §3): t_a and t_n at token_lr, everything else at head_lr; wd 0.01."""
+        """AdamW groups (docs/method.md §11): t_a and t_n at token_lr, everything else at head_lr; wd 0.01."""
         segs = []
         for name, (off, size) in self.offsets.items():
             lr = token_lr if name in TOKEN_KEYS else head_lr

@@ -128,7 +128,7 @@ def read_checkpoint(path, float32: bool = False):
 
 
 def load_head(path) -> dict:
-    """A VisualAD head checkpoint (official ``CLIP.pth`` layout, SPEC §4) as nested dicts of
+    """A VisualAD head checkpoint (official ``CLIP.pth`` layout, docs/checkpoints.md) as nested dicts of
     float32 arrays and plain values."""
     obj = read_checkpoint(path, float32=True)
     if not isinstance(obj, Mapping):
