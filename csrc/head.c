@@ -238,11 +238,10 @@ int vad_head_layer_forward(vad_pool *pool, const vad_head_config *cfg, const vad
     return vad_cosine_contrast(pool, a->grid, *feat, a->tok2, a->tok2 + D, N, D);
 }
 
-int vad_head_forward(vad_head *h, vad_head_acts *a, const float *const *feats, const float *ta, const float *tn,
-                     int B, int g, int S, float p, uint64_t seed, float *fused, float *layer_maps,
-                     float *tokens_out) {
+int vad_head_forward(vad_head *h, vad_head_acts *a, const vad_head_batch *in, float p, uint64_t seed, float *fused,
+                     float *layer_maps, float *tokens_out) {
     const vad_head_config *c = &h->cfg;
-    int D = c->width, N = g * g;
+    int D = c->width, B = in->B, g = in->g, S = in->S, N = g * g;
     if (B < 1 || g < 1 || S < 1) return vad_fail(VAD_ERR_VALUE, "batch, grid and size must be positive");
     for (int i = 0; i < c->n_layers; i++)
         if (c->has_sca[i] && N > c->pos_rows)
@@ -255,8 +254,8 @@ int vad_head_forward(vad_head *h, vad_head_acts *a, const float *const *feats, c
         if (c->has_sca[li]) vad_sca_query(h->pool, L, c->n_anchors, D, a);
         for (int b = 0; b < B; b++) {
             const float *feat;
-            int rc = vad_head_layer_forward(h->pool, c, L, li, b, feats[li] + (size_t)b * N * D, ta + (size_t)b * D,
-                                            tn + (size_t)b * D, N, p, seed, a, &feat);
+            int rc = vad_head_layer_forward(h->pool, c, L, li, b, in->feats[li] + (size_t)b * N * D,
+                                            in->ta + (size_t)b * D, in->tn + (size_t)b * D, N, p, seed, a, &feat);
             if (rc) return rc;
             if (tokens_out)
                 for (int k = 0; k < 2; k++)
@@ -289,14 +288,24 @@ static int ensure_ws(vad_head *h, int N) {
     return VAD_OK;
 }
 
-int vad_head_maps(vad_head *h, const float *const *feats, const float *ta, const float *tn, int B,
-                  int g, int S, double sigma, int topk, float *final_maps, float *scores,
-                  float *layer_maps, float *tokens_out) {
-    if (B < 1 || g < 1 || S < 1) return vad_fail(VAD_ERR_VALUE, "batch, grid and size must be positive");
-    int rc = ensure_ws(h, g * g);
+vad_maps_params vad_maps_default_params(void) {
+    vad_maps_params p = {4.0, 0, NULL, NULL};
+    return p;
+}
+
+int vad_topk_count(int topk, int S) {
+    if (topk != 0) return topk;
+    int64_t SS = (int64_t)S * S;
+    return (int)((SS + 99) / 100);
+}
+
+int vad_head_maps(vad_head *h, const vad_head_batch *in, const vad_maps_params *p, float *final_maps,
+                  float *scores) {
+    if (in->B < 1 || in->g < 1 || in->S < 1) return vad_fail(VAD_ERR_VALUE, "batch, grid and size must be positive");
+    int rc = ensure_ws(h, in->g * in->g);
     if (rc) return rc;
-    rc = vad_head_forward(h, &h->acts, feats, ta, tn, B, g, S, 0.0f, 0, final_maps, layer_maps, tokens_out);
+    rc = vad_head_forward(h, &h->acts, in, 0.0f, 0, final_maps, p->layer_maps, p->tokens_out);
     if (rc) return rc;
-    if ((rc = vad_gaussian_filter(h->pool, final_maps, B, S, S, sigma))) return rc;
-    return vad_topk_mean(h->pool, scores, final_maps, B, S * S, topk);
+    if ((rc = vad_gaussian_filter(h->pool, final_maps, in->B, in->S, in->S, p->sigma))) return rc;
+    return vad_topk_mean(h->pool, scores, final_maps, in->B, in->S * in->S, vad_topk_count(p->topk, in->S));
 }

@@ -87,18 +87,34 @@ int vad_head_layer_forward(vad_pool *pool, const vad_head_config *cfg, const vad
                            const float *P, const float *ta, const float *tn, int N, float p, uint64_t seed,
                            vad_head_acts *a, const float **feat);
 
+/* A batch of head inputs: the encoder's outputs. */
+typedef struct {
+    const float *const *feats; /* n_layers arrays [B, N, D] of patch features, N = g * g */
+    const float *ta, *tn;      /* [B, D] final-block tokens (before SCA) */
+    int B, g, S;               /* batch, patch grid side, map side */
+} vad_head_batch;
+
 /* The whole forward of a batch: fused [B, S, S] = sum over layers of the unfiltered maps.
  * Optional (NULL to skip): layer_maps [n_layers, B, S, S]; tokens_out [n_layers, 2, B, D]. */
-int vad_head_forward(vad_head *h, vad_head_acts *a, const float *const *feats, const float *ta, const float *tn,
-                     int B, int g, int S, float p, uint64_t seed, float *fused, float *layer_maps,
-                     float *tokens_out);
+int vad_head_forward(vad_head *h, vad_head_acts *a, const vad_head_batch *in, float p, uint64_t seed, float *fused,
+                     float *layer_maps, float *tokens_out);
 
-/* Inference: feats[i]: [B, N, D] patch features of layer i (N = g*g), ta/tn: [B, D] final tokens.
- * final_maps [B, S, S]: fused + filtered maps; scores [B]: top-k mean of final_maps.
- * Optional (NULL to skip): layer_maps [n_layers, B, S, S] unfiltered per-layer maps;
- * tokens_out [n_layers, 2, B, D] SCA-enhanced (t_a', t_n'). */
-int vad_head_maps(vad_head *h, const float *const *feats, const float *ta, const float *tn, int B,
-                  int g, int S, double sigma, int topk, float *final_maps, float *scores,
-                  float *layer_maps, float *tokens_out);
+/* Inference settings and optional outputs. */
+typedef struct {
+    double sigma;      /* gaussian filter on the fused map (0: none) */
+    int topk;          /* image score = mean of the topk largest values (0: ceil(S*S / 100)) */
+    float *layer_maps; /* [n_layers, B, S, S] unfiltered per-layer maps, or NULL */
+    float *tokens_out; /* [n_layers, 2, B, D] SCA-enhanced (t_a', t_n'), or NULL */
+} vad_maps_params;
+
+/* sigma 4, the top 1 %, no optional outputs (the published settings). */
+vad_maps_params vad_maps_default_params(void);
+
+/* The top-k count a params value stands for at side S (0: ceil(S*S / 100)). */
+int vad_topk_count(int topk, int S);
+
+/* Inference: final_maps [B, S, S] = fused + filtered maps; scores [B] = top-k mean of final_maps. */
+int vad_head_maps(vad_head *h, const vad_head_batch *in, const vad_maps_params *p, float *final_maps,
+                  float *scores);
 
 #endif

@@ -222,12 +222,21 @@ static void seg_backward_task(void *vctx, int64_t begin, int64_t end, int tid) {
 
 /* ================================================================== entry point */
 
-int vad_head_loss_and_grad(vad_head *h, const float *const *feats, const float *ta, const float *tn, int B,
-                           int g, int S, const float *labels, const float *masks, const unsigned char *has_mask,
-                           int topk, float dropout, uint64_t seed, double losses[4], float *grad,
-                           float *const *dfeats, float *dta, float *dtn, float *layer_maps) {
+vad_train_params vad_train_default_params(void) {
+    vad_train_params p = {NULL, NULL, NULL, 0, 0.0f, 0, NULL};
+    return p;
+}
+
+int vad_head_loss_and_grad(vad_head *h, const vad_head_batch *in, const vad_train_params *p, double losses[4],
+                           float *grad, float *const *dfeats, float *dta, float *dtn) {
+    const float *const *feats = in->feats, *ta = in->ta, *tn = in->tn, *labels = p->labels, *masks = p->masks;
+    const unsigned char *has_mask = p->has_mask;
+    int B = in->B, g = in->g, S = in->S, topk = vad_topk_count(p->topk, in->S);
+    float dropout = p->dropout;
+    uint64_t seed = p->seed;
     const vad_head_config *c = vad_head_get_config(h);
     int D = c->width, L = c->n_layers, N = g * g;
+    if (!labels) return vad_fail(VAD_ERR_VALUE, "training needs the labels");
     if (B < 1 || g < 1 || S < 1 || (int64_t)S * S > (1 << 28))
         return vad_fail(VAD_ERR_VALUE, "batch, grid and size must be positive (and S*S < 2^28)");
     int64_t SS = (int64_t)S * S;
@@ -274,8 +283,8 @@ int vad_head_loss_and_grad(vad_head *h, const float *const *feats, const float *
     /* ---- pass 1: maps and SCA tokens of every (layer, image): the inference forward */
 #define TOKEN(li, k, b) (tokens + (((size_t)(li) * 2 + (k)) * B + (b)) * D)
 #define MAP(li, b) (maps + ((size_t)(li) * B + (b)) * SS)
-    if ((rc = vad_head_forward(h, &t.a, feats, ta, tn, B, g, S, dropout, seed, fused, maps, tokens))) goto done;
-    if (layer_maps) memcpy(layer_maps, maps, (size_t)L * B * SS * sizeof(float));
+    if ((rc = vad_head_forward(h, &t.a, in, dropout, seed, fused, maps, tokens))) goto done;
+    if (p->layer_maps) memcpy(p->layer_maps, maps, (size_t)L * B * SS * sizeof(float));
 
     /* ---- losses */
     int n_seg = 0;

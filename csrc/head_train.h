@@ -20,16 +20,31 @@
 #include "dropout.h"
 #include "threadpool.h"
 
-/* feats[i]: [B,N,D] ln_post'd patch features of used layer i (N = g*g); ta, tn: [B,D] ln_post'd
- * final-block tokens (before SCA).
- * labels [B] (0/1). masks [B,S,S] ({0,1}; > 0.5 = anomalous) or NULL (all-normal masks).
- * has_mask [B] or NULL (all 1): 1 = the image takes part in the segmentation loss; a good
- * image without a mask is passed with has_mask = 1 and a zero mask; a defective image without
- * a mask has has_mask = 0 and contributes only to the classification and contrastive terms.
- * topk in 1..S*S (ceil(S*S*ratio)). dropout p in [0, 1) (see vad_dropout_stream), seed = the
- * step's dropout seed.
- *
- * Losses (written to losses[4] = {cls, seg, contrastive, total}):
+/* What a training step needs besides the batch (vad_head_batch: feats are the ln_post'd patch
+ * features of the used layers, ta / tn the ln_post'd final-block tokens before SCA):
+ *   labels [B] (0/1), required.
+ *   masks [B,S,S] ({0,1}; > 0.5 = anomalous) or NULL (all-normal masks).
+ *   has_mask [B] or NULL (all 1): 1 = the image takes part in the segmentation loss; a good image
+ *     without a mask is passed with has_mask = 1 and a zero mask; a defective image without a mask
+ *     has has_mask = 0 and contributes only to the classification and contrastive terms.
+ *   topk in 1..S*S (0: ceil(S*S / 100)); dropout p in [0, 1) (vad_dropout_stream), seed = the
+ *     step's dropout seed.
+ *   layer_maps [n_layers, B, S, S] or NULL: receives the forward's unfiltered per-layer maps (with
+ *     dropout 0 they are vad_head_maps' layer maps, bit for bit: the same function computes both). */
+typedef struct {
+    const float *labels;
+    const float *masks;
+    const unsigned char *has_mask;
+    int topk;
+    float dropout;
+    uint64_t seed;
+    float *layer_maps;
+} vad_train_params;
+
+/* No labels (the caller sets them), no masks (all normal), the top 1 %, no dropout. */
+vad_train_params vad_train_default_params(void);
+
+/* Losses (written to losses[4] = {cls, seg, contrastive, total}):
  *   seg  = sum_l [ Focal(p_l) + Dice(p_l) ], p_l = sigmoid(m_l), computed on the images with
  *          has_mask = 1 only (Focal = mean over their pixels, Dice = 1 - mean of their dice
  *          coefficients); 0 when no image has a mask. With every has_mask = 1 this is docs/method.md §10.
@@ -42,12 +57,8 @@
  *         those come from the backbone backward through dfeats/dta/dtn). Rows >= N of each
  *         pos_encoding get no gradient.
  *   dfeats[i] [B,N,D], dta, dtn [B,D]: gradients w.r.t. the inputs, WRITTEN (not accumulated).
- * layer_maps [n_layers, B, S, S] or NULL: the forward's unfiltered per-layer maps (with dropout 0
- * they are vad_head_maps' layer maps, bit for bit: the same function computes both).
  * Returns VAD_OK or an error code (vad_last_error has the message). */
-int vad_head_loss_and_grad(vad_head *h, const float *const *feats, const float *ta, const float *tn, int B,
-                           int g, int S, const float *labels, const float *masks, const unsigned char *has_mask,
-                           int topk, float dropout, uint64_t seed, double losses[4], float *grad,
-                           float *const *dfeats, float *dta, float *dtn, float *layer_maps);
+int vad_head_loss_and_grad(vad_head *h, const vad_head_batch *in, const vad_train_params *p, double losses[4],
+                           float *grad, float *const *dfeats, float *dta, float *dtn);
 
 #endif

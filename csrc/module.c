@@ -673,14 +673,17 @@ static PyObject *Head_maps(HeadObject *self, PyObject *args, PyObject *kwds) {
     if (!final_maps || !scores) goto done;
     if (want_layers && !(layer_maps = new_float_array(4, ldims))) goto done;
     if (want_tokens && !(tokens = new_float_array(4, tdims))) goto done;
+    vad_head_batch batch = {fptr, (const float *)PyArray_DATA(ta), (const float *)PyArray_DATA(tn), B, g, S};
+    vad_maps_params mp = vad_maps_default_params();
+    mp.sigma = sigma;
+    mp.topk = topk;
+    mp.layer_maps = layer_maps ? (float *)PyArray_DATA((PyArrayObject *)layer_maps) : NULL;
+    mp.tokens_out = tokens ? (float *)PyArray_DATA((PyArrayObject *)tokens) : NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
-    rc = vad_head_maps(self->head, fptr, (const float *)PyArray_DATA(ta), (const float *)PyArray_DATA(tn), B, g, S,
-                       sigma, topk, (float *)PyArray_DATA((PyArrayObject *)final_maps),
-                       (float *)PyArray_DATA((PyArrayObject *)scores),
-                       layer_maps ? (float *)PyArray_DATA((PyArrayObject *)layer_maps) : NULL,
-                       tokens ? (float *)PyArray_DATA((PyArrayObject *)tokens) : NULL);
+    rc = vad_head_maps(self->head, &batch, &mp, (float *)PyArray_DATA((PyArrayObject *)final_maps),
+                       (float *)PyArray_DATA((PyArrayObject *)scores));
     PyThread_release_lock(self->lock);
     Py_END_ALLOW_THREADS
     if (rc) {
@@ -1133,16 +1136,20 @@ static PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *
     }
     if (!(dta = new_float_array(2, tdims)) || !(dtn = new_float_array(2, tdims))) goto done;
     double losses[4] = {0, 0, 0, 0};
+    vad_head_batch batch = {fptr, (const float *)PyArray_DATA(ta), (const float *)PyArray_DATA(tn), B, g, S};
+    vad_train_params tp = vad_train_default_params();
+    tp.labels = (const float *)PyArray_DATA(labels);
+    tp.masks = masks ? (const float *)PyArray_DATA(masks) : NULL;
+    tp.has_mask = has ? (const unsigned char *)PyArray_DATA(has) : NULL;
+    tp.topk = topk;
+    tp.dropout = (float)dropout;
+    tp.seed = (uint64_t)seed;
+    tp.layer_maps = layer_maps;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
-    rc = vad_head_loss_and_grad(self->head, fptr, (const float *)PyArray_DATA(ta), (const float *)PyArray_DATA(tn),
-                                B, g, S, (const float *)PyArray_DATA(labels),
-                                masks ? (const float *)PyArray_DATA(masks) : NULL,
-                                has ? (const unsigned char *)PyArray_DATA(has) : NULL, topk, (float)dropout,
-                                (uint64_t)seed, losses, (float *)PyArray_DATA((PyArrayObject *)grad), dptr,
-                                (float *)PyArray_DATA((PyArrayObject *)dta),
-                                (float *)PyArray_DATA((PyArrayObject *)dtn), layer_maps);
+    rc = vad_head_loss_and_grad(self->head, &batch, &tp, losses, (float *)PyArray_DATA((PyArrayObject *)grad), dptr,
+                                (float *)PyArray_DATA((PyArrayObject *)dta), (float *)PyArray_DATA((PyArrayObject *)dtn));
     PyThread_release_lock(self->lock);
     Py_END_ALLOW_THREADS
     if (rc) {
