@@ -5,6 +5,7 @@
 
 #include "errors.h"
 #include "ops.h"
+#include "workspace.h"
 
 #define VAD_MAX_LAYERS 64
 
@@ -12,13 +13,22 @@ struct vad_encoder {
     vad_vit *vit;
     size_t cap; /* floats in states */
     float *states;
-    /* the last training forward */
-    size_t train_cap;
-    float *train; /* (depth + 1) states, then the gradient work state */
+    /* the last training forward: one block carved by train_walk */
+    size_t train_bytes;
+    void *train_block;
+    float *train;        /* (depth + 1) residual streams: the input of block 1, then after each block */
+    float *dfinal;       /* the gradient work state of the backward */
+    float *saved_tokens; /* [2, D] the inserted tokens */
     int B, S, n_layers, layers[VAD_MAX_LAYERS];
-    float *saved_tokens;
     const float *ln_w, *ln_b;
 };
+
+/* The training forward's memory for states of per_state floats, one list for sizing and carving. */
+static void train_walk(vad_carver *c, vad_encoder *e, size_t per_state, int depth, int D) {
+    e->train = vad_take_floats(c, per_state * (size_t)(depth + 1));
+    e->dfinal = vad_take_floats(c, per_state);
+    e->saved_tokens = vad_take_floats(c, 2 * (size_t)D);
+}
 
 vad_encoder *vad_encoder_create(vad_vit *vit) {
     vad_encoder *e = (vad_encoder *)calloc(1, sizeof(vad_encoder));
@@ -33,8 +43,7 @@ vad_encoder *vad_encoder_create(vad_vit *vit) {
 void vad_encoder_free(vad_encoder *e) {
     if (!e) return;
     free(e->states);
-    free(e->train);
-    free(e->saved_tokens);
+    free(e->train_block);
     free(e);
 }
 
@@ -98,19 +107,23 @@ int vad_encode_train(vad_encoder *e, const float *images, int B, int S, const fl
     int rc = check_args(c, S, layers, n_layers);
     if (rc) return rc;
     int D = c->width, L = c->depth, T = vad_vit_seq_len(e->vit, S, 2);
-    size_t per_state = (size_t)B * T * D, need = per_state * (size_t)(L + 2);
-    if (need > e->train_cap) {
-        free(e->train);
-        e->train = (float *)malloc(need * sizeof(float));
-        if (!e->train) {
-            e->train_cap = 0;
-            return vad_fail(VAD_ERR_MEMORY, "out of memory: training keeps %d states of %.1f MB", L + 2,
-                            (double)per_state * 4 / 1e6);
-        }
-        e->train_cap = need;
+    size_t per_state = (size_t)B * T * D;
+    vad_carver carve = {NULL, 0};
+    train_walk(&carve, e, per_state, L, D);
+    if (carve.bytes > e->train_bytes) {
+        free(e->train_block);
+        e->train_bytes = 0;
+        e->B = 0; /* no training forward to go back through */
+        size_t bytes = carve.bytes;
+        if (!(e->train_block = vad_carve_begin(&carve)))
+            return vad_fail(VAD_ERR_MEMORY, "out of memory: training keeps %d states (%.1f MB)", L + 2,
+                            (double)bytes / 1e6);
+        e->train_bytes = bytes;
+    } else {
+        carve.base = (char *)e->train_block;
+        carve.bytes = 0;
     }
-    if (!e->saved_tokens && !(e->saved_tokens = (float *)malloc(2 * (size_t)D * sizeof(float))))
-        return vad_fail(VAD_ERR_MEMORY, "out of memory");
+    train_walk(&carve, e, per_state, L, D);
     int all[VAD_MAX_LAYERS * 16];
     float *outs[VAD_MAX_LAYERS * 16];
     if (L + 1 > VAD_MAX_LAYERS * 16) return vad_fail(VAD_ERR_VALUE, "too many blocks for training");
@@ -134,7 +147,7 @@ int vad_encode_train(vad_encoder *e, const float *images, int B, int S, const fl
 
 int vad_encode_backward(vad_encoder *e, const float *const *dfeats, const float *dta, const float *dtn,
                         float *dtokens, float *dln_w, float *dln_b) {
-    if (!e->saved_tokens || e->B <= 0) return vad_fail(VAD_ERR_VALUE, "backward called before a training forward");
+    if (!e->train_block || e->B <= 0) return vad_fail(VAD_ERR_VALUE, "backward called before a training forward");
     const vad_vit_config *c = vad_vit_get_config(e->vit);
     int B = e->B, D = c->width, L = c->depth, T = vad_vit_seq_len(e->vit, e->S, 2);
     int first_patch = 3 + c->n_registers, N = T - first_patch;
@@ -142,7 +155,7 @@ int vad_encode_backward(vad_encoder *e, const float *const *dfeats, const float 
     vad_pool *pool = vad_vit_pool(e->vit);
     /* gradients w.r.t. the streams: one zeroed state per distinct used layer (the final one is the
      * work state passed to the tower backward) */
-    float *dfinal = e->train + per_state * (size_t)(L + 1);
+    float *dfinal = e->dfinal;
     float *inject_buf = NULL;
     const float *inject[VAD_MAX_LAYERS * 16] = {0};
     int n_inject = 0, slot[VAD_MAX_LAYERS * 16];
