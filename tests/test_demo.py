@@ -13,7 +13,7 @@ from visualad.demo import DEFAULT_MODEL, build_default_model
 
 def test_demo_runs_offline_and_finds_the_defects(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--no-progress", "--model", "toy"]) == 0
     overlays = sorted(os.listdir(out / "overlays"))
     with open(out / "scores.csv") as f:
         rows = list(csv.DictReader(f))

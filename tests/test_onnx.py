@@ -135,6 +135,30 @@ def test_clip_export(tmp_path, folding):
     assert_features(strip_names(path, tmp_path / "stripped.onnx"), model, 56, "clip")
 
 
+def test_openai_layout_export(tmp_path):
+    """OpenAI CLIP's module layout: nn.MultiheadAttention (one packed q|k|v projection, Gemm output
+    projection), blocks run sequence-first, ln_post on the class token."""
+    import checkpoint_models as cm
+    torch.manual_seed(1)
+    model = cm.VisionTransformer(d=D, depth=L, heads=H, patch=8, grid=3).eval()
+    path = export(model, tmp_path / "openai.onnx", 24)
+    bw = load_backbone(path)
+    assert bw.family == "clip" and bw.hints["heads"] == H and bw.hints["activation"] == "gelu"
+    x = images(2, 24, seed=3)
+    feats = visualad.Detector(path, image_size=24, num_threads=2).features(x, layers=range(1, L + 1))
+    states = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: states.append(o.transpose(0, 1)))
+             for blk in model.transformer.resblocks]
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+        final = model.ln_post(states[-1]).numpy()
+    for h in hooks:
+        h.remove()
+    for l in range(1, L + 1):
+        assert rel_err(feats["hidden"][l], states[l - 1].numpy()) <= 1e-4, l
+    assert rel_err(feats["final"], final) <= 1e-4
+
+
 @pytest.mark.parametrize("registers", [0, 4])
 def test_transformers_folder_at_other_size(tmp_path, registers):
     """A transformers DINOv2 folder resizes its positions as transformers does."""

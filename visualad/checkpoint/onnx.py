@@ -92,6 +92,22 @@ class _Graph:
                     self.consumers[name].append(node)
         self.graph = graph
         self._folded: dict = {}
+        self.shapes = self._static_shapes(model)
+
+    @staticmethod
+    def _static_shapes(model) -> dict:
+        """{tensor: dims with None where unknown} from ONNX shape inference (empty if it fails)."""
+        import onnx
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+        except Exception:  # shape inference is a help, not a requirement
+            return {}
+        out = {}
+        for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        return out
 
     # ------------------------------------------------------------------ errors and attributes
     def fail(self, what: str):
@@ -233,7 +249,15 @@ class _Graph:
         op = node.op_type
         if op == "Constant":
             return self._constant(node)
+        if op == "Shape":
+            if self.attr(node, "start") or self.attr(node, "end") is not None:
+                return None
+            value = self.fold(node.input[0], depth + 1)
+            dims = list(value.shape) if value is not None else self.shapes.get(node.input[0])
+            return np.array(dims, np.int64) if dims is not None and None not in dims else None
         args = [self.fold(i, depth + 1) if i else None for i in node.input]
+        if op in ("Gather", "Slice") and args and args[0] is None:
+            args[0] = self._partial_shape(node.input[0], node, args)
         if not args or args[0] is None:
             return None
         a = args[0]
@@ -243,8 +267,6 @@ class _Graph:
             if op == "Cast":
                 to = self.attr(node, "to")
                 return a.astype(_FLOAT_TYPES.get(to) or _INT_TYPES.get(to) or a.dtype)
-            if op == "Shape" or op == "ConstantOfShape":
-                return None if op == "ConstantOfShape" else np.array(a.shape, np.int64)
             if op in ("Add", "Sub", "Mul", "Div", "Pow") and len(args) == 2 and args[1] is not None:
                 b = args[1]
                 if op == "Div" and np.issubdtype(a.dtype, np.integer):
@@ -284,6 +306,23 @@ class _Graph:
         except (ValueError, IndexError, TypeError) as exc:
             self.fail(f"node {node.name or op!r} ({op}) cannot be evaluated on its constants ({exc})")
         return None
+
+    def _partial_shape(self, name: str, user, args):
+        """For Gather / Slice of Shape(x) with x's shape partly known: the shape with unknown dims
+        as -2 placeholders when the selected entries are all known, else None."""
+        node = self.producer.get(name)
+        if node is None or node.op_type != "Shape" or self.attr(node, "start") or self.attr(node, "end") is not None:
+            return None
+        dims = self.shapes.get(node.input[0])
+        if not dims:
+            return None
+        placeholder = np.array([-2 if v is None else v for v in dims], np.int64)
+        try:
+            picked = self._slice(user, placeholder, [placeholder] + args[1:]) if user.op_type == "Slice" \
+                else np.take(placeholder, args[1], axis=0) if args[1] is not None else None
+        except (ValueError, IndexError, TypeError):
+            return None
+        return placeholder if picked is not None and not (np.asarray(picked) == -2).any() else None
 
     def shape_entries(self, name: str):
         """The entries of a 1-D shape tensor built by Concat, with None where an entry is only known
@@ -443,8 +482,9 @@ def _decomposed_layernorm(g: _Graph, x: str, mean_node, d: int, what: str) -> _N
 
 def _linear(g: _Graph, out: str, n_in: int | None, what: str):
     """(W [out, in] (torch layout), b [out] or None, input tensor) of the linear layer producing
-    ``out``: Add(MatMul(a, W^T), b) in either order, MatMul alone, or Gemm."""
-    node = g.node_of(out)
+    ``out``: Add(MatMul(a, W^T), b) in either order, MatMul alone, or Gemm (on flattened rows:
+    reshapes after it are looked through)."""
+    node = g.node_of(out, _PASS + ("Reshape", "Flatten"))
     bias = None
     if node is not None and node.op_type == "Add":
         ins = [i for i in node.input if i]
@@ -516,16 +556,16 @@ def _walk_back(g: _Graph, name: str, what: str) -> _Path:
 
 
 def _heads(g: _Graph, reshapes: list, d: int):
-    """Number of heads from the reshape that splits the width: its target's last two entries
-    (H, d/H) where they are constants."""
+    """Number of heads d / dh, dh the last entry of the reshape nearest the attention product
+    (the one giving the per-head layout [..., dh]), where it is a constant."""
     for node in reshapes:
         entries = g.shape_entries(node.input[1])
         if not entries or len(entries) < 3:
             continue
-        h, dh = entries[-2], entries[-1]
-        if isinstance(dh, (int, float)) and dh > 0 and d % int(dh) == 0:
-            if h in (None, -1) or h * dh == d:
-                return d // int(dh)
+        dh = entries[-1]
+        if isinstance(dh, (int, float)) and 0 < dh < d and d % int(dh) == 0:
+            return d // int(dh)
+        return None
     return None
 
 
@@ -693,6 +733,15 @@ def _block(g: _Graph, x: str, d: int, index: int):
     add2, branch = found
     mlp = _mlp(g, branch, n2.output, d, f"{what} mlp")
     return dict(norm1=n1, norm2=n2, attn=attn, mlp=mlp), add2.output[0]
+
+
+def _swap_batch_and_sequence(g: _Graph, x: str) -> tuple[str, bool]:
+    """(stream, True) past a Transpose(1, 0, 2) that is the stream's only consumer (OpenAI CLIP
+    runs its blocks on [T, B, D]), else (x, False)."""
+    users = [n for n in g.users(x) if n.op_type != "Shape"]
+    if len(users) == 1 and users[0].op_type == "Transpose" and list(g.attr(users[0], "perm", [])) == [1, 0, 2]:
+        return users[0].output[0], True
+    return x, False
 
 
 def _final_norm(g: _Graph, x: str, d: int) -> _Norm | None:
@@ -912,6 +961,7 @@ def read_onnx(path: str) -> OnnxTower:
     first = _layernorm(g, x, d, "ln_pre")
     if first is not None and _residual(g, x, first) is None:
         ln_pre, x = first, first.output
+    x, seq_first = _swap_batch_and_sequence(g, x)
     blocks = []
     while True:
         found = _block(g, x, d, len(blocks))
@@ -923,6 +973,10 @@ def read_onnx(path: str) -> OnnxTower:
             g.fail("more than 1024 blocks")
     if not blocks:
         g.fail("no transformer block found after the embeddings (expected LayerNorm + attention + residual Add)")
+    if seq_first:
+        x, back = _swap_batch_and_sequence(g, x)
+        if not back:
+            g.fail("the blocks run sequence-first but the stream is not transposed back after them")
     final = _final_norm(g, x, d)
     if final is None:
         g.fail(f"final norm not found after block {len(blocks) - 1}")
