@@ -951,7 +951,16 @@ def read_onnx(path: str) -> OnnxTower:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         raise CheckpointError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-    g = _Graph(model, path)
+    try:
+        return _read_tower(_Graph(model, path))
+    except CheckpointError:
+        raise
+    except (ValueError, IndexError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        # a graph malformed in a way no check above anticipated: still a clear error, never a crash
+        raise CheckpointError(f"{path}: malformed ONNX graph ({type(exc).__name__}: {exc})") from None
+
+
+def _read_tower(g: _Graph) -> OnnxTower:
     if not g.graph.node:
         g.fail("the ONNX graph has no nodes")
     conv, conv_w, conv_b = _patch_conv(g, _image_input(g))
