@@ -42,16 +42,20 @@ _MAX_FOLD_DEPTH = 64
 
 def looks_like_onnx(path: str) -> bool:
     """True for a ``.onnx`` file, or a file whose first bytes are an ONNX ModelProto (field 1,
-    ``ir_version``, a small varint, followed by another ModelProto field)."""
-    if path.lower().endswith(".onnx"):
+    ``ir_version``, a small varint, followed by another ModelProto field) and not a safetensors
+    header (8-byte length, then ``{``)."""
+    lower = path.lower()
+    if lower.endswith(".onnx"):
         return True
+    if lower.endswith(".safetensors"):
+        return False
     try:
         with open(path, "rb") as f:
-            head = f.read(3)
+            head = f.read(9)
     except OSError:
         return False
-    return len(head) == 3 and head[0] == 0x08 and 1 <= head[1] <= 20 and head[2] in (
-        0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0x7A)
+    return len(head) == 9 and head[0] == 0x08 and 1 <= head[1] <= 20 and head[2] in (
+        0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0x7A) and head[8:9] != b"{"
 
 
 @dataclass
