@@ -80,7 +80,6 @@ class _Graph:
     """Producer / consumer maps and constant folding over one ONNX graph."""
 
     def __init__(self, model, path: str):
-        import onnx.numpy_helper  # noqa: F401  (checked importable by the caller)
         self.path = path
         self.folder = os.path.dirname(os.path.abspath(path))
         graph = model.graph
