@@ -159,6 +159,63 @@ def test_openai_layout_export(tmp_path):
     assert rel_err(feats["final"], final) <= 1e-4
 
 
+class HubStyleDinov2(torch.nn.Module):
+    """A DINOv2 tower laid out as the hub's module computes it at its native size: one packed qkv
+    Linear split by reshape/permute/index, registers inserted after the class token by slicing."""
+
+    def __init__(self, state: dict, heads: int):
+        super().__init__()
+        self.s = {k: torch.nn.Parameter(v, requires_grad=False) for k, v in state.items()}
+        for k, v in self.s.items():
+            self.register_parameter(k.replace(".", "_"), v)
+        self.heads = heads
+        self.depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+
+    def forward(self, img):
+        s, F = self.s, torch.nn.functional
+        x = F.conv2d(img, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=14)
+        x = x.flatten(2).transpose(1, 2)
+        b, d = x.shape[0], x.shape[-1]
+        x = torch.cat([s["cls_token"].expand(b, -1, -1), x], 1) + s["pos_embed"]
+        if "register_tokens" in s:
+            x = torch.cat([x[:, :1], s["register_tokens"].expand(b, -1, -1), x[:, 1:]], 1)
+        for i in range(self.depth):
+            p = f"blocks.{i}."
+            h = F.layer_norm(x, (d,), s[p + "norm1.weight"], s[p + "norm1.bias"], 1e-6)
+            n = h.shape[1]
+            qkv = F.linear(h, s[p + "attn.qkv.weight"], s[p + "attn.qkv.bias"])
+            qkv = qkv.reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0] * (d // self.heads) ** -0.5, qkv[1], qkv[2]
+            a = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+            a = F.linear(a.transpose(1, 2).reshape(b, n, d), s[p + "attn.proj.weight"], s[p + "attn.proj.bias"])
+            x = x + a * s[p + "ls1.gamma"]
+            h = F.layer_norm(x, (d,), s[p + "norm2.weight"], s[p + "norm2.bias"], 1e-6)
+            m = F.linear(F.gelu(F.linear(h, s[p + "mlp.fc1.weight"], s[p + "mlp.fc1.bias"])),
+                         s[p + "mlp.fc2.weight"], s[p + "mlp.fc2.bias"])
+            x = x + m * s[p + "ls2.gamma"]
+        return F.layer_norm(x, (d,), s["norm.weight"], s["norm.bias"], 1e-6)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hub_layout_export(tmp_path, registers):
+    """Packed q|k|v taken apart by index, hub-style register insertion; against the functional
+    DINOv2 reference of tests/reference.py."""
+    import checkpoint_models as cm
+    import reference as R
+    state = {k: 0.3 * v for k, v in cm.dinov2_hub_state(seed=5, registers=registers, d=D, depth=L).items()
+             if k != "mask_token"}
+    path = export(HubStyleDinov2(state, H), tmp_path / "hub.onnx", 14 * cm.GRID)
+    bw = load_backbone(path)
+    assert bw.family == "dinov2" and bw.arch["registers"] == registers and bw.hints["heads"] == H
+    x = images(2, 14 * cm.GRID, seed=4)
+    feats = visualad.Detector(path, image_size=14 * cm.GRID, num_threads=2).features(x, layers=range(1, L + 1))
+    ref = R.dinov2_tower(state, torch.from_numpy(x), range(1, L + 1), heads=H)
+    for l in range(1, L + 1):
+        assert rel_err(feats["hidden"][l], ref["hidden"][l].numpy()) <= 1e-4, l
+    final = torch.nn.functional.layer_norm(ref["final"], (D,), state["norm.weight"], state["norm.bias"], 1e-6)
+    assert rel_err(feats["final"], final.numpy()) <= 1e-4
+
+
 @pytest.mark.parametrize("registers", [0, 4])
 def test_transformers_folder_at_other_size(tmp_path, registers):
     """A transformers DINOv2 folder resizes its positions as transformers does."""
@@ -272,13 +329,24 @@ def test_real_vits14_final_norm_vs_onnxruntime(tmp_path):
     final = next(n for n in m.graph.node if "backbone.layernorm.bias" in n.input)
     cut = str(tmp_path / "tower.onnx")
     onnx.utils.extract_model(path, cut, [m.graph.input[0].name], [final.output[0]])
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    det = visualad.Detector(path, image_size=224, num_threads=2)
-    ours = det.features(photos)["final"]
-    bb = det._backbone_
-    x = ImageSource(photos, 224, bb.mean, bb.std).batch(0, len(photos))
+    # the graph's own Resize computes its sizes from the input: with a free input side it runs at
+    # other sizes too, which checks that we resize the positions by its rule
+    tower = onnx.load(cut)
+    for i in (2, 3):
+        tower.graph.input[0].type.tensor_type.shape.dim[i].dim_param = "side"
+    del tower.graph.output[0].type.tensor_type.shape.dim[:]
+    onnx.save(tower, cut)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    ref = ort.InferenceSession(cut, opts, providers=["CPUExecutionProvider"]).run(None, {m.graph.input[0].name: x})[0]
-    assert ours.shape == ref.shape == (4, 1 + 16 * 16, 384)
-    assert rel_err(ours, ref) <= 1e-4
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(cut, opts, providers=["CPUExecutionProvider"])
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    for size in (224, 280):
+        det = visualad.Detector(path, image_size=size, num_threads=2)
+        ours = det.features(photos)["final"]
+        bb = det._backbone_
+        x = ImageSource(photos, size, bb.mean, bb.std).batch(0, len(photos))
+        ref = sess.run(None, {m.graph.input[0].name: x})[0]
+        g = size // 14
+        assert ours.shape == ref.shape == (4, 1 + g * g, 384)
+        assert rel_err(ours, ref) <= 1e-4, size
