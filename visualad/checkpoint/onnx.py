@@ -833,7 +833,7 @@ def _positions(g: _Graph, pos: str, d: int) -> tuple[np.ndarray, dict | None]:
 
 
 def _resize_rule(g: _Graph, node, g0: int) -> dict:
-    """The engine's position rule for the graph's Resize node (SPEC: ONNX graphs follow it)."""
+    """The engine's position rule for the graph's Resize node (docs/method.md §9: ONNX graphs follow their own node)."""
     mode = g.attr(node, "mode", "nearest")
     coord = g.attr(node, "coordinate_transformation_mode", "half_pixel")
     a = float(g.attr(node, "cubic_coeff_a", -0.75))
