@@ -1384,5 +1384,16 @@ PyMODINIT_FUNC PyInit__engine(void) {
         Py_DECREF(m);
         return NULL;
     }
+    /* the engine's enums, so that Python never restates their values */
+    if (PyModule_AddIntConstant(m, "ACT_QUICK_GELU", VAD_ACT_QUICK_GELU) < 0 ||
+        PyModule_AddIntConstant(m, "ACT_GELU", VAD_ACT_GELU) < 0 ||
+        PyModule_AddIntConstant(m, "ACT_SWIGLU", VAD_ACT_SWIGLU) < 0 ||
+        PyModule_AddIntConstant(m, "POS_BILINEAR", VAD_POS_BILINEAR) < 0 ||
+        PyModule_AddIntConstant(m, "POS_BICUBIC_SCALE", VAD_POS_BICUBIC_SCALE) < 0 ||
+        PyModule_AddIntConstant(m, "POS_BICUBIC_AA", VAD_POS_BICUBIC_AA) < 0 ||
+        PyModule_AddIntConstant(m, "POS_BICUBIC_SIZE", VAD_POS_BICUBIC_SIZE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

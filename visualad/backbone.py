@@ -14,9 +14,10 @@ import numpy as np
 
 from . import _engine
 
-# enum values shared with csrc/ops.h and csrc/vit.h
-ACTIVATIONS = {"quick_gelu": 0, "gelu": 1, "swiglu": 2}
-POS_BILINEAR, POS_BICUBIC_SCALE, POS_BICUBIC_AA, POS_BICUBIC_SIZE = 0, 1, 2, 3
+# the engine's enums (csrc/ops.h, csrc/vit.h), exported by the extension
+ACTIVATIONS = {"quick_gelu": _engine.ACT_QUICK_GELU, "gelu": _engine.ACT_GELU, "swiglu": _engine.ACT_SWIGLU}
+POS_BILINEAR, POS_BICUBIC_SCALE = _engine.POS_BILINEAR, _engine.POS_BICUBIC_SCALE
+POS_BICUBIC_AA, POS_BICUBIC_SIZE = _engine.POS_BICUBIC_AA, _engine.POS_BICUBIC_SIZE
 #: position-resize rules a checkpoint reader may name in its hints (``pos_resize``), see csrc/vit.h
 POS_RULES = {"bilinear": POS_BILINEAR, "bicubic_scale": POS_BICUBIC_SCALE, "bicubic_aa": POS_BICUBIC_AA,
              "bicubic_size": POS_BICUBIC_SIZE}
