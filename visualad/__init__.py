@@ -15,5 +15,7 @@ from .detector import Detector  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .plotting import plot_overlay  # noqa: E402  (matplotlib itself is imported on first use)
 
+from ._version import package_version  # noqa: E402
+
 __all__ = ["Detector", "CheckpointError", "plot_overlay"]
-__version__ = "0.1.0"
+__version__ = package_version()
