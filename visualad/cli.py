@@ -178,22 +178,27 @@ def output_names(paths) -> list[str]:
     as needed to tell apart images whose stems repeat (MVTec's ``crack/000.png`` and
     ``good/000.png`` give ``crack_000.png`` and ``good_000.png``), with ``_2``, ... as a last resort."""
     parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
-    stems = [os.path.splitext(p[-1])[0] for p in parts]
-    names = []
-    for i, p in enumerate(parts):
-        depth = 1
-        while True:
-            name = "_".join(p[-depth - 1:-1] + [stems[i]]) if depth > 1 else stems[i]
-            clash = any(j != i and ("_".join(q[-depth - 1:-1] + [stems[j]]) if depth > 1 else stems[j]) == name
-                        for j, q in enumerate(parts))
-            if not clash or depth >= len(p):
-                break
-            depth += 1
-        names.append(name)
-    seen, unique = {}, []
+    names = [os.path.splitext(p[-1])[0] for p in parts]
+    open_ = list(range(len(parts)))  # images whose name still clashes
+    for depth in range(1, max((len(p) for p in parts), default=1)):
+        groups = {}
+        for i in open_:
+            groups.setdefault(names[i], []).append(i)
+        # a parent folder helps only a group whose images sit in different folders
+        open_ = [i for g in groups.values() if len(g) > 1 and len({tuple(parts[j][:-1]) for j in g}) > 1
+                 for i in g if depth < len(parts[i])]
+        if not open_:
+            break
+        for i in open_:  # one more parent folder in front
+            names[i] = f"{parts[i][-depth - 1]}_{names[i]}"
+    taken, unique = set(), []
     for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(f"{name}.png" if seen[name] == 1 else f"{name}_{seen[name]}.png")
+        candidate, k = f"{name}.png", 1
+        while candidate in taken:
+            k += 1
+            candidate = f"{name}_{k}.png"
+        taken.add(candidate)
+        unique.append(candidate)
     return unique
 
 
