@@ -6,7 +6,6 @@ import io
 import json
 import math
 import os
-import tomllib
 import warnings
 
 import numpy as np
@@ -52,6 +51,10 @@ def test_default_model_by_name_equals_the_embedded_file():
 # ------------------------------------------------------------------ 2. version
 
 def test_version_has_one_source(capsys):
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         want = tomllib.load(f)["project"]["version"]
     assert visualad.__version__ == want
@@ -369,7 +372,7 @@ def test_missing_mask_option(model):
 def test_messages_name_the_problem(tmp_path, model):
     png = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(png)
-    with pytest.raises(visualad.CheckpointError, match="x.png is not a visualad file"):
+    with pytest.raises(visualad.CheckpointError, match="x.png is not a visualad detector file"):
         visualad.Detector.load(png)
     with pytest.raises(FileNotFoundError, match="detector file not found"):
         visualad.Detector.load(tmp_path / "missing.safetensors")

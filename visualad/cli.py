@@ -333,7 +333,12 @@ def _run_predict(args: argparse.Namespace) -> int:
         writer.writerow(header)
         for start in range(0, len(paths), batch):
             chunk = paths[start:start + batch]
-            kept, maps, scores, failed = _score(det, chunk, args.skip_errors)
+            try:
+                kept, maps, scores, failed = _score(det, chunk, args.skip_errors)
+            except USER_ERRORS:
+                print(f"visualad predict: {start} image(s) scored before this error are in {csv_path}; "
+                      "--skip-errors lists unreadable images and goes on", file=sys.stderr)
+                raise
             for path, message in failed:
                 print(f"visualad predict: skipped {path}: {message}", file=sys.stderr)
             errors.extend(failed)
@@ -341,7 +346,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                 name = names[path]
                 anomalous = bool(scores[i] > threshold)  # Detector.predict's rule
                 overlays.add(name, path, maps[i], score=float(scores[i]), prediction=anomalous,
-                             title=os.path.basename(path))
+                             title=os.path.splitext(name)[0])
                 row = [path, repr(float(scores[i]))]
                 row += [repr(float(det.normalize_scores(scores[i:i + 1])[0]))] if calibrated else []
                 row += [int(anomalous), os.path.join("overlays", name)]
