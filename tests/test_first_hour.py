@@ -65,6 +65,20 @@ def test_version(first_hour):
     assert first_hour[1]["version"].strip() == f"visualad {visualad.__version__}"
 
 
+def test_demo_runs_offline_and_finds_the_defects(first_hour):
+    out = os.path.join(first_hour[0], "visualad-demo-output")
+    overlays = sorted(os.listdir(os.path.join(out, "overlays")))
+    with open(os.path.join(out, "scores.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(overlays) == len(rows) == 48
+    with Image.open(os.path.join(out, "overlays", overlays[0])) as im:
+        assert im.format == "PNG"
+    mean = json.load(open(os.path.join(out, "results.json")))["mean"]
+    # the default model's heatmaps highlight the pasted defects
+    assert mean["pixel_auroc"] > 85 and mean["image_auroc"] > 60, mean
+    assert mean_row(first_hour[1]["demo"])["P-AUROC"] == round(mean["pixel_auroc"], 1)
+
+
 def test_demo_prints_next_commands_that_run(first_hour):
     cwd, printed = first_hour
     assert [c.split()[1] for c in printed["next"]] == ["predict", "eval"]

@@ -4,6 +4,7 @@
 >>> det = visualad.Detector("ViT-L-14-336px.pt", head="CLIP.pth")
 >>> maps = det.anomaly_maps(["img.png"])      # (N, S, S) float32
 >>> scores = det.anomaly_scores(["img.png"])  # (N,) float32
+>>> demo = visualad.Detector.default()         # the embedded default model (offline, for trying things)
 """
 from ._blas import preload_openblas
 
