@@ -24,7 +24,8 @@ def visualad_cli(*args, cwd, ok=True):
     built in place and found through PYTHONPATH)."""
     env = dict(os.environ)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(visualad.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([package_parent] + inherited)
     env["MPLBACKEND"] = "Agg"
     done = subprocess.run([sys.executable, "-m", "visualad", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -213,6 +213,22 @@ def test_output_names_are_unique_and_readable():
     assert len(set(names)) == len(names)
 
 
+def test_predict_saves_maps_as_npz(tmp_path, model):
+    root = make_folder_dataset(tmp_path / "d", classes=("a",), defects=("crack",), n_good=2, n_bad=2)
+    backbone, head = model
+    out = tmp_path / "new" / "pred"
+    assert main(["predict", os.path.join(root, "a", "test"), "--backbone", backbone, "--head", head,
+                 "--image-size", str(IMAGE_SIZE), "--threads", str(THREADS), "--save-maps", "npz",
+                 "--color-scale", "image", "--out", str(out), "--no-progress"]) == 0
+    import csv
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    maps = tiny(model).anomaly_maps([r["path"] for r in rows])
+    with np.load(out / "maps.npz") as saved:
+        assert sorted(saved.files) == sorted(r["map"].split(":")[1] for r in rows)
+        for r, want in zip(rows, maps):
+            np.testing.assert_array_equal(saved[r["map"].split(":")[1]], want)
+
+
 def test_mvtec_layout_without_ground_truth_gives_image_metrics(tmp_path, model, capsys):
     root = make_folder_dataset(tmp_path / "d", classes=("a",))
     import shutil

@@ -21,11 +21,13 @@ creates its output folders before the long work starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import os
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 
@@ -325,10 +327,15 @@ def _run_predict(args: argparse.Namespace) -> int:
     names = dict(zip(paths, output_names(paths)))
     threshold = np.float32(det.threshold)
     batch = max(1, int(args.batch_size))
-    csv_path, errors, npz = os.path.join(out, "scores.csv"), [], {}
+    csv_path, errors = os.path.join(out, "scores.csv"), []
     header = ["path", "score"] + (["normalized_score"] if calibrated else []) + ["predicted_anomaly", "overlay"]
     header += ["map"] if args.save_maps else []
-    with open(csv_path, "w", newline="", encoding="utf-8") as f,             _overlays(os.path.join(out, "overlays"), len(paths), det, args) as overlays,             Progress(len(paths), "predict", args.progress) as bar:
+    npz_path = os.path.join(out, "maps.npz")
+    with (open(csv_path, "w", newline="", encoding="utf-8") as f,
+          (zipfile.ZipFile(npz_path, "w", zipfile.ZIP_DEFLATED) if args.save_maps == "npz"
+           else contextlib.nullcontext()) as npz,
+          _overlays(os.path.join(out, "overlays"), len(paths), det, args) as overlays,
+          Progress(len(paths), "predict", args.progress) as bar):
         writer = csv.writer(f)
         writer.writerow(header)
         for start in range(0, len(paths), batch):
@@ -354,14 +361,13 @@ def _run_predict(args: argparse.Namespace) -> int:
                 if args.save_maps == "npy":
                     np.save(os.path.join(maps_dir, stem + ".npy"), maps[i])
                     row.append(os.path.join("maps", stem + ".npy"))
-                elif args.save_maps == "npz":
-                    npz[stem] = maps[i]
+                elif npz is not None:  # written as it goes (an .npz is a zip of .npy files)
+                    with npz.open(stem + ".npy", "w") as member:
+                        np.lib.format.write_array(member, np.ascontiguousarray(maps[i]))
                     row.append(f"maps.npz:{stem}")
                 writer.writerow(row)
             f.flush()
             bar.update(len(chunk))
-    if npz:
-        np.savez_compressed(os.path.join(out, "maps.npz"), **npz)
     scored = len(paths) - len(errors)
     if errors:
         with open(os.path.join(out, "errors.csv"), "w", newline="", encoding="utf-8") as f:

@@ -148,7 +148,8 @@ def run_demo(out_dir: str = "visualad-demo-output", progress: bool = True, num_t
             overlay = os.path.join(overlay_dir, name)
             mask = load_mask(it, size) if it.mask else None
             save_overlay(overlay, it.image, amap, mask=mask, score=float(score), vmin=vmin, vmax=vmax,
-                         prediction=bool(score > threshold), title=f"{it.cls_name} ({'defect' if it.label else 'good'})")
+                         prediction=bool(score > threshold),
+                         title=f"{it.cls_name} ({'defect' if it.label else 'good'})")
             writer.writerow([it.image, it.cls_name, it.label, int(score > threshold), f"{score:.6f}", overlay])
     print(report.format_table())
     print(f"\n{len(items)} images in {time.perf_counter() - t0:.1f} s; wrote {out_dir}/overlays/*.png, "

@@ -426,8 +426,9 @@ class Detector:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"detector file not found: {path}")
         if not is_visualad_file(path):
-            raise CheckpointError(f"{path} is not a visualad detector file (one written by Detector.save, visualad train or "
-                                  "visualad convert); to use a backbone checkpoint, give it to Detector(backbone=...)")
+            raise CheckpointError(f"{path} is not a visualad detector file (one written by Detector.save, visualad "
+                                  "train or visualad convert); to use a backbone checkpoint, give it to "
+                                  "Detector(backbone=...)")
         backbone, backbone_path, head, stored = read_file(path)
         settings = {k: v for k, v in stored.items() if k in cls._get_param_names()}
         settings.update(overrides)
