@@ -19,15 +19,20 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 THREADS = "2"
 
 
-def visualad_cli(*args, cwd, ok=True):
-    """``python -m visualad ARGS`` in a new process that imports this same visualad (installed, or
-    built in place and found through PYTHONPATH)."""
+def cli_env() -> dict:
+    """The environment of a child process that imports this same visualad (installed, or built in
+    place and found through PYTHONPATH)."""
     env = dict(os.environ)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(visualad.__file__)))
     inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([package_parent] + inherited)
     env["MPLBACKEND"] = "Agg"
-    done = subprocess.run([sys.executable, "-m", "visualad", *args], cwd=cwd, env=env, capture_output=True,
+    return env
+
+
+def visualad_cli(*args, cwd, ok=True):
+    """``python -m visualad ARGS`` in a new process; with ``ok`` it must succeed."""
+    done = subprocess.run([sys.executable, "-m", "visualad", *args], cwd=cwd, env=cli_env(), capture_output=True,
                           text=True, timeout=600)
     if ok:
         assert done.returncode == 0, f"visualad {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
@@ -148,6 +153,31 @@ def test_train_resume_convert_and_reuse(first_hour):
                  "--out", eval_out, "--no-progress", "--threads", THREADS, cwd=cwd)
     settings = json.load(open(os.path.join(cwd, eval_out, "results.json")))["settings"]
     assert settings["layers"] == [1, 2] and settings["head"] == f"stored in {head}"
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(first_hour):
+    cwd, _ = first_hour
+    common = ["train", "--data", os.path.join("visualad-demo-output", "data"), "--dataset", "mvtec",
+              "--backbone", "default", "--epochs", "3", "--no-progress", "--threads", THREADS]
+    visualad_cli(*common, "--out", os.path.join("straight", "head.safetensors"), cwd=cwd)
+    killed = os.path.join("killed", "head.safetensors")
+    child = subprocess.Popen([sys.executable, "-m", "visualad", *common, "--out", killed], cwd=cwd, env=cli_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stderr:
+            if line.startswith("epoch 1/3: wrote"):
+                child.kill()  # as a crash or a closed laptop would
+                break
+    finally:
+        child.wait(timeout=60)
+    assert child.returncode != 0, "the run ended before it could be interrupted"
+    assert os.path.isfile(os.path.join(cwd, killed + ".state.npz"))
+    visualad_cli(*common, "--out", killed, "--resume", cwd=cwd)
+    a = visualad.Detector.load(os.path.join(cwd, "straight", "head.safetensors")).head
+    b = visualad.Detector.load(os.path.join(cwd, killed)).head
+    flat = visualad.savefile.flatten_head
+    for k, v in flat(a).items():
+        np.testing.assert_array_equal(v, flat(b)[k], err_msg=k)
 
 
 def test_readme_quick_start_numbers_are_the_printed_ones(first_hour):
