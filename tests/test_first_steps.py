@@ -282,6 +282,11 @@ def test_overlay_title_shows_the_prediction():
     assert ax.get_title() == "a  score 1.5000  ANOMALY"
     visualad.plot_overlay(np.zeros((16, 16, 3), np.uint8), amap, score=-1.0, prediction=False, ax=ax)
     assert ax.get_title().endswith("normal")
+    for anomalous in (True, np.bool_(True), -1, np.int64(-1)):
+        visualad.plot_overlay(np.zeros((16, 16, 3), np.uint8), amap, prediction=anomalous, ax=ax)
+        assert ax.get_title() == "ANOMALY"
+    visualad.plot_overlay(np.zeros((16, 16, 3), np.uint8), amap, prediction=1, ax=ax)
+    assert ax.get_title() == "normal"
     plt.close(fig)
 
 

@@ -94,8 +94,8 @@ def plot_overlay(image, map, mask=None, score=None, ax=None, *, title=None, alph
     if score is not None:
         parts.append(f"score {float(score):.4f}")
     if prediction is not None:
-        parts.append("ANOMALY" if prediction is True or (prediction is not False and int(prediction) == -1)
-                     else "normal")
+        anomalous = bool(prediction) if isinstance(prediction, (bool, np.bool_)) else int(prediction) == -1
+        parts.append("ANOMALY" if anomalous else "normal")
     if parts:
         ax.set_title("  ".join(parts))
     ax.set_axis_off()
