@@ -71,7 +71,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = 4096
-    peak = 2 * n ** 3 / visualad._engine.sgemm_seconds(n, 3, args.threads) / 1e9
+    peak = 2 * n ** 3 / visualad._engine.testing.sgemm_seconds(n, 3, args.threads) / 1e9
     print(f"threads={args.threads}  large-SGEMM peak (n={n}, engine BLAS): {peak:.1f} GFLOP/s  torch {torch.__version__}")
     print(f"{'model':9s} {'S':>4s} {'B':>2s} {'ours s':>8s} {'torch s':>8s} {'ratio':>6s} {'GFLOP/s':>8s} {'%peak':>6s}"
           f" {'steal':>6s}")

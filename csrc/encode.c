@@ -7,8 +7,6 @@
 #include "ops.h"
 #include "workspace.h"
 
-#define VAD_MAX_LAYERS 64
-
 struct vad_encoder {
     vad_vit *vit;
     size_t cap; /* floats in states */

@@ -89,7 +89,7 @@ static void walk(const vad_head_config *c, builder *lb, vad_head_weights *w) {
 }
 
 int vad_head_config_check(const vad_head_config *c) {
-    if (c->width <= 0 || c->n_layers < 1 || c->n_layers > VAD_HEAD_MAX_LAYERS || c->n_anchors < 1 ||
+    if (c->width <= 0 || c->n_layers < 1 || c->n_layers > VAD_MAX_LAYERS || c->n_anchors < 1 ||
         c->pos_rows < 1 || c->saf_hidden < 1 || c->width > 1 << 16 || c->n_anchors > 4096 ||
         c->pos_rows > 1 << 20 || c->saf_hidden > 1 << 16)
         return vad_fail(VAD_ERR_VALUE, "head config out of range (width=%d layers=%d anchors=%d "

@@ -11,15 +11,13 @@
 #include "vit.h"
 #include "workspace.h"
 
-#define VAD_HEAD_MAX_LAYERS 64
-
 typedef struct {
     int width;      /* D */
     int n_layers;   /* used layers, in the order of the feature list */
     int n_anchors;  /* m */
     int pos_rows;   /* rows of each SCA pos_encoding (max patches) */
     int saf_hidden; /* hidden width of each SAF */
-    unsigned char has_sca[VAD_HEAD_MAX_LAYERS], has_saf[VAD_HEAD_MAX_LAYERS];
+    unsigned char has_sca[VAD_MAX_LAYERS], has_saf[VAD_MAX_LAYERS];
 } vad_head_config;
 
 typedef struct {
@@ -30,7 +28,7 @@ typedef struct {
 
 typedef struct {
     const float *ta, *tn, *ln_w, *ln_b;
-    vad_head_layer layers[VAD_HEAD_MAX_LAYERS];
+    vad_head_layer layers[VAD_MAX_LAYERS];
 } vad_head_weights;
 
 int vad_head_config_check(const vad_head_config *cfg);

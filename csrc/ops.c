@@ -3,7 +3,6 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
-#include <time.h>
 
 #include "blas.h"
 #include "errors.h"
@@ -494,35 +493,4 @@ void vad_attention_backward(vad_pool *pool, float *dqkv, const float *dout, cons
                             int B, int T, int D, int heads) {
     attn_back_ctx c = {dqkv, scratch, dout, qkv, T, D, heads};
     vad_parallel_for(pool, (int64_t)B * heads, 1, attention_back_task, &c);
-}
-
-/* ---------------------------------------------------------------- benchmark probe */
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-int vad_sgemm_benchmark(int n, int repeats, int nthreads, double *best_seconds) {
-    size_t nn = (size_t)n * n;
-    float *a = (float *)malloc(3 * nn * sizeof(float));
-    vad_pool *pool = vad_pool_create(nthreads);
-    if (!a || !pool) {
-        free(a);
-        vad_pool_free(pool);
-        return vad_fail(VAD_ERR_MEMORY, "out of memory in the SGEMM probe");
-    }
-    for (size_t i = 0; i < 2 * nn; i++) a[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
-    double best = 1e30;
-    for (int r = 0; r <= repeats; r++) { /* first run is a warm-up */
-        double t0 = now_seconds();
-        vad_linear(pool, a + 2 * nn, n, a, n, a + nn, NULL, n, n, n, 0.0f);
-        double dt = now_seconds() - t0;
-        if (r > 0 && dt < best) best = dt;
-    }
-    *best_seconds = best;
-    free(a);
-    vad_pool_free(pool);
-    return VAD_OK;
 }

@@ -78,8 +78,4 @@ size_t vad_attention_backward_scratch(int T, int nthreads);
 void vad_attention_backward(vad_pool *pool, float *dqkv, const float *dout, const float *qkv, float *scratch,
                             int B, int T, int D, int heads);
 
-/* Best wall time (seconds) of an n x n x n vad_linear over `repeats` runs with a fresh pool of
- * nthreads: the reference peak for benchmarks. */
-int vad_sgemm_benchmark(int n, int repeats, int nthreads, double *best_seconds);
-
 #endif

@@ -72,7 +72,7 @@ def engine_masks(B, N, D, m, Hs, p, seed):
     shapes = {"saf_hidden": (N, Hs), "saf_out": (N, D), "sca_att": (m, N), "sca_out": (D,)}
 
     def masks(site, i, token):
-        per_image = [_engine.dropout_mask(int(np.prod(shapes[site])), p, seed, i, b, SITES[site], token)
+        per_image = [_engine.testing.dropout_mask(int(np.prod(shapes[site])), p, seed, i, b, SITES[site], token)
                      .reshape(shapes[site]) for b in range(B)]
         return torch.from_numpy(np.stack(per_image))
     return masks
@@ -218,20 +218,20 @@ def test_dropout_reproducible_seeded_and_thread_independent():
 
 def test_dropout_mask_statistics():
     n, p = 200_000, 0.1
-    m = _engine.dropout_mask(n, p, 3, 0, 0, 0, 0)
+    m = _engine.testing.dropout_mask(n, p, 3, 0, 0, 0, 0)
     kept = m != 0
     assert set(np.unique(m).tolist()) == {0.0, np.float32(1 / (1 - p))}
     assert abs((~kept).mean() - p) < 4 * math.sqrt(p * (1 - p) / n)
     assert abs(m.mean() - 1.0) < 0.01                       # E[mask] = 1: unbiased in expectation
     # different layers / images / sites / tokens / seeds give independent masks
-    others = [_engine.dropout_mask(n, p, 3, 1, 0, 0, 0), _engine.dropout_mask(n, p, 3, 0, 1, 0, 0),
-              _engine.dropout_mask(n, p, 3, 0, 0, 1, 0), _engine.dropout_mask(n, p, 3, 0, 0, 2, 1),
-              _engine.dropout_mask(n, p, 4, 0, 0, 0, 0)]
+    others = [_engine.testing.dropout_mask(n, p, 3, 1, 0, 0, 0), _engine.testing.dropout_mask(n, p, 3, 0, 1, 0, 0),
+              _engine.testing.dropout_mask(n, p, 3, 0, 0, 1, 0), _engine.testing.dropout_mask(n, p, 3, 0, 0, 2, 1),
+              _engine.testing.dropout_mask(n, p, 4, 0, 0, 0, 0)]
     for o in others:
         both_dropped = ((m == 0) & (o == 0)).mean()
         assert abs(both_dropped - p * p) < 0.004
-    np.testing.assert_array_equal(m, _engine.dropout_mask(n, p, 3, 0, 0, 0, 0))
-    assert (_engine.dropout_mask(1000, 0.0, 3, 0, 0, 0, 0) == 1).all()
+    np.testing.assert_array_equal(m, _engine.testing.dropout_mask(n, p, 3, 0, 0, 0, 0))
+    assert (_engine.testing.dropout_mask(1000, 0.0, 3, 0, 0, 0, 0) == 1).all()
 
 
 def test_loss_in_expectation_close_to_no_dropout():

@@ -71,7 +71,7 @@ def test_matches_float64(path, m, n, k, act):
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    got = _engine.panel_linear(x, panels_of(w), n, bias=bias, activation=act, num_threads=2)
+    got = _engine.testing.panel_linear(x, panels_of(w), n, bias=bias, activation=act, num_threads=2)
     err = np.abs(got - reference(x, w, bias, act=act)).max()
     assert err <= 1e-6 * bound(x, w, bias) + 1e-7, f"{path}: max error {err:.2e}"
 
@@ -83,7 +83,7 @@ def test_accumulates_into_out(path, act):
     w = (rng.standard_normal((100, 1500)) / 40).astype(np.float32)
     out = rng.standard_normal((31, 100)).astype(np.float32)
     want = reference(x, w, None, out, act)
-    got = _engine.panel_linear(x, panels_of(w), 100, out=out, activation=act)
+    got = _engine.testing.panel_linear(x, panels_of(w), 100, out=out, activation=act)
     assert got is out
     assert np.abs(out - want).max() <= 1e-6 * bound(x, w, None, want) + 1e-7
 
@@ -93,12 +93,12 @@ def test_results_depend_on_neither_threads_nor_rows(path):
     x = rng.standard_normal((700, 1300)).astype(np.float32)
     w = (rng.standard_normal((330, 1300)) / 36).astype(np.float32)
     p = panels_of(w)
-    base = _engine.panel_linear(x, p, 330, num_threads=1)
+    base = _engine.testing.panel_linear(x, p, 330, num_threads=1)
     for threads in (2, 3, 5):
-        assert np.array_equal(_engine.panel_linear(x, p, 330, num_threads=threads), base)
+        assert np.array_equal(_engine.testing.panel_linear(x, p, 330, num_threads=threads), base)
     if path == "simd":  # BLAS may block differently for other row counts
         for rows in (slice(0, 1), slice(5, 12), slice(600, 700)):
-            assert np.array_equal(_engine.panel_linear(x[rows], p, 330, num_threads=2), base[rows])
+            assert np.array_equal(_engine.testing.panel_linear(x[rows], p, 330, num_threads=2), base[rows])
 
 
 def test_simd_and_blas_paths_give_the_same_encode():
@@ -120,12 +120,12 @@ def test_bad_arguments_raise():
     x = np.zeros((4, 8), np.float32)
     p = panels_of(np.zeros((10, 8), np.float32))
     with pytest.raises(ValueError, match="panels has"):
-        _engine.panel_linear(x, p[:-1], 10)
+        _engine.testing.panel_linear(x, p[:-1], 10)
     with pytest.raises(ValueError, match="bias has"):
-        _engine.panel_linear(x, p, 10, bias=np.zeros(9, np.float32))
+        _engine.testing.panel_linear(x, p, 10, bias=np.zeros(9, np.float32))
     with pytest.raises(ValueError, match="out must be"):
-        _engine.panel_linear(x, p, 10, out=np.zeros((4, 9), np.float32))
+        _engine.testing.panel_linear(x, p, 10, out=np.zeros((4, 9), np.float32))
     with pytest.raises(TypeError, match="float32"):
-        _engine.panel_linear(x.astype(np.float64), p, 10)
+        _engine.testing.panel_linear(x.astype(np.float64), p, 10)
     with pytest.raises(ValueError, match="activation"):
-        _engine.panel_linear(x, p, 10, activation=2)
+        _engine.testing.panel_linear(x, p, 10, activation=2)

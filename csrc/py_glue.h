@@ -1,0 +1,98 @@
+/* Shared by the glue files (csrc/module.c and csrc/py_*.c), the only files that include Python.h:
+ * the NumPy C API set-up, the Python object types, and the functions one glue file offers another.
+ * The engine behind them never sees a PyObject. */
+#ifndef VAD_PY_GLUE_H
+#define VAD_PY_GLUE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+/* one NumPy C-API table for the whole extension, filled by import_array() in module.c */
+#define PY_ARRAY_UNIQUE_SYMBOL visualad_engine_ARRAY_API
+#ifndef VAD_GLUE_IMPORTS_NUMPY
+#define NO_IMPORT_ARRAY
+#endif
+#include <numpy/arrayobject.h>
+#include <pythread.h>
+
+#include <stddef.h>
+
+#include "encode.h"
+#include "head.h"
+#include "ops.h"
+#include "vit.h"
+
+
+
+
+
+typedef struct {
+    PyObject_HEAD
+    vad_vit *vit;
+    vad_encoder *encoder;
+    PyArrayObject *params; /* keeps the weight buffer alive */
+    PyObject *train_refs;  /* ln_post arrays of the last training forward (used by the backward) */
+    int train_layers, train_B, train_N;
+    PyThread_type_lock lock;
+} BackboneObject;
+
+
+typedef struct {
+    PyObject_HEAD
+    vad_head *head;
+    vad_head_config cfg;
+    PyArrayObject *params;
+    PyThread_type_lock lock;
+} HeadObject;
+
+/* ---- py_convert.c */
+PyObject *raise_status(int rc);
+PyArrayObject *as_float_array(PyObject *obj, const char *what, int ndim);
+int all_finite(const float *x, size_t n);
+PyObject *new_float_array(int nd, npy_intp *dims);
+int read_int_list(PyObject *seq, int *out, int max, const char *what);
+int parse_layer_inputs(int L, int D, PyObject *feats_obj, PyObject *ta_obj, PyObject *tn_obj,
+                              PyArrayObject **feats, const float **fptr, PyArrayObject **ta, PyArrayObject **tn,
+                              int *B, int *N);
+int dict_int(PyObject *d, const char *key, int *out, int required);
+PyArrayObject *check_vector(PyObject *obj, const char *what, int D);
+/* A parameter layout (vad_vit_layout, vad_head_layout) as ([(name, shape, offset, panel), ...], total). */
+typedef int (*vad_layout_fn)(const void *cfg, vad_tensor_entry *entries, int max, size_t *total);
+PyObject *layout_to_python(vad_layout_fn layout, const void *cfg);
+/* The (config, params, num_threads=1) arguments of Backbone() and Head(); num_threads at least 1. */
+int parse_engine_init(PyObject *args, PyObject *kwds, PyObject **config, PyObject **params, int *nthreads);
+/* The float32 weight buffer of an engine object whose layout needs `total` floats. in_place: the
+ * engine updates it (training), so it must be the caller's own writeable array, never a copy.
+ * New reference, or NULL with an exception set. */
+PyArrayObject *weight_buffer(PyObject *params, size_t total, const char *what, int in_place);
+PyArrayObject *train_array(PyObject *obj, const char *what, int type, int nd, const npy_intp *dims);
+int inplace_vector_nd(PyObject *obj, const char *what, int ndim);
+int inplace_vector(PyObject *obj, const char *what);
+
+/* ---- py_backbone.c */
+PyObject *py_vit_layout(PyObject *self, PyObject *arg);
+extern PyTypeObject BackboneType;
+PyObject *py_set_simd_gemm(PyObject *self, PyObject *arg);
+PyObject *py_simd_gemm_active(PyObject *self, PyObject *unused);
+
+/* ---- py_head.c */
+/* The grid side g of N patch features (N = g * g) and a top-k count in 1..S*S for maps of side S;
+ * -1 with ValueError set otherwise. */
+int head_grid(int N, int S, int topk, int *g);
+PyObject *py_head_layout(PyObject *self, PyObject *arg);
+extern PyTypeObject HeadType;
+
+/* ---- py_training.c */
+PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *kwds);
+PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kwds);
+PyObject *py_clip_grad_norm(PyObject *self, PyObject *args);
+PyObject *py_cosine_annealing_lr(PyObject *self, PyObject *args);
+
+/* ---- py_metrics.c */
+PyObject *py_binary_metrics(PyObject *self, PyObject *args);
+PyObject *py_aupro(PyObject *self, PyObject *args);
+PyObject *py_aupro_anomalyclip(PyObject *self, PyObject *args);
+
+/* ---- py_testing.c */
+PyObject *vad_testing_module(void);
+
+#endif

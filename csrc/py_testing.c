@@ -1,0 +1,233 @@
+/* The test-only submodule visualad._engine.testing: single engine kernels and probes that tests and
+ * benchmarks call directly (none of them is part of the package's API). */
+#include "py_glue.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "dropout.h"
+#include "errors.h"
+#include "maps.h"
+#include "ops.h"
+#include "panel_gemm.h"
+#include "resize.h"
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Best wall time (seconds) of an n x n x n vad_linear over `repeats` runs (after one warm-up run)
+ * with a fresh pool of nthreads: the reference peak the benchmarks compare against. */
+static int sgemm_best_seconds(int n, int repeats, int nthreads, double *best_seconds) {
+    size_t nn = (size_t)n * n;
+    float *a = (float *)malloc(3 * nn * sizeof(float));
+    vad_pool *pool = vad_pool_create(nthreads);
+    if (!a || !pool) {
+        free(a);
+        vad_pool_free(pool);
+        return vad_fail(VAD_ERR_MEMORY, "out of memory in the SGEMM probe");
+    }
+    for (size_t i = 0; i < 2 * nn; i++) a[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+    double best = 1e30;
+    for (int r = 0; r <= repeats; r++) {
+        double t0 = now_seconds();
+        vad_linear(pool, a + 2 * nn, n, a, n, a + nn, NULL, n, n, n, 0.0f);
+        double dt = now_seconds() - t0;
+        if (r > 0 && dt < best) best = dt;
+    }
+    *best_seconds = best;
+    free(a);
+    vad_pool_free(pool);
+    return VAD_OK;
+}
+
+static PyObject *py_gaussian_filter(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj;
+    double sigma;
+    int nthreads = 1;
+    if (!PyArg_ParseTuple(args, "Od|i", &obj, &sigma, &nthreads)) return NULL;
+    if (!isfinite(sigma) || sigma < 0 || sigma > 1000) {
+        PyErr_SetString(PyExc_ValueError, "sigma must be a finite number in [0, 1000]");
+        return NULL;
+    }
+    PyArrayObject *in = as_float_array(obj, "maps", 3);
+    if (!in) return NULL;
+    PyArrayObject *out = (PyArrayObject *)PyArray_NewCopy(in, NPY_CORDER);
+    Py_DECREF(in);
+    if (!out) return NULL;
+    npy_intp *d = PyArray_DIMS(out);
+    if (PyArray_SIZE(out) == 0) return (PyObject *)out;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    vad_pool *pool = vad_pool_create(nthreads);
+    rc = pool ? vad_gaussian_filter(pool, (float *)PyArray_DATA(out), (int)d[0], (int)d[1], (int)d[2], sigma)
+              : vad_fail(VAD_ERR_MEMORY, "out of memory");
+    vad_pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        Py_DECREF(out);
+        return raise_status(rc);
+    }
+    return (PyObject *)out;
+}
+
+static PyObject *py_resize_bilinear(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj;
+    int Hout, Wout;
+    if (!PyArg_ParseTuple(args, "Oii", &obj, &Hout, &Wout)) return NULL;
+    PyArrayObject *in = as_float_array(obj, "grid", 3);
+    if (!in) return NULL;
+    npy_intp *d = PyArray_DIMS(in);
+    if (Hout < 1 || Wout < 1 || Hout > 1 << 14 || Wout > 1 << 14 || d[0] < 1 || d[1] < 1 || d[2] < 1) {
+        Py_DECREF(in);
+        PyErr_SetString(PyExc_ValueError, "sizes must be positive (and at most 16384)");
+        return NULL;
+    }
+    npy_intp odims[3] = {Hout, Wout, d[2]};
+    PyObject *out = new_float_array(3, odims);
+    if (out) {
+        Py_BEGIN_ALLOW_THREADS
+        vad_resize_bilinear((float *)PyArray_DATA((PyArrayObject *)out), (const float *)PyArray_DATA(in), (int)d[2],
+                            (int)d[0], (int)d[1], Hout, Wout);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(in);
+    return out;
+}
+
+static PyObject *py_sgemm_seconds(PyObject *self, PyObject *args) {
+    (void)self;
+    int n, repeats, nthreads;
+    if (!PyArg_ParseTuple(args, "iii", &n, &repeats, &nthreads)) return NULL;
+    if (n < 1 || n > 16384 || repeats < 1 || repeats > 1000 || nthreads < 1) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= n <= 16384, 1 <= repeats <= 1000, num_threads >= 1");
+        return NULL;
+    }
+    double best = -1.0;
+    int rc = VAD_OK;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sgemm_best_seconds(n, repeats, nthreads, &best);
+    Py_END_ALLOW_THREADS
+    if (rc) return raise_status(rc);
+    return PyFloat_FromDouble(best);
+}
+
+/* The backbone's linear layer on its own: out (new, or given and accumulated) = act(x W^T + bias)
+ * with W stored in panels (visualad.backbone.write_tensor's layout). */
+static PyObject *py_panel_linear(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"x", "panels", "n_out", "bias", "out", "activation", "num_threads", NULL};
+    PyObject *x_obj, *p_obj, *b_obj = Py_None, *o_obj = Py_None;
+    int N, act = -1, nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOi|OOii", kwlist, &x_obj, &p_obj, &N, &b_obj, &o_obj, &act,
+                                     &nthreads))
+        return NULL;
+    if (N < 1 || act < -1 || act > VAD_ACT_GELU || nthreads < 1 || nthreads > 256) {
+        PyErr_SetString(PyExc_ValueError, "need n_out >= 1, activation in {-1, 0, 1}, 1 <= num_threads <= 256");
+        return NULL;
+    }
+    PyArrayObject *x = as_float_array(x_obj, "x", 2), *p = NULL, *b = NULL, *o = NULL;
+    PyObject *result = NULL;
+    if (!x) return NULL;
+    int M = (int)PyArray_DIM(x, 0), K = (int)PyArray_DIM(x, 1);
+    if (!(p = as_float_array(p_obj, "panels", 1))) goto done;
+    if (K < 1 || (size_t)PyArray_SIZE(p) != vad_panel_floats(N, K)) {
+        PyErr_Format(PyExc_ValueError, "panels has %zd floats, a [%d, %d] weight needs %zu", PyArray_SIZE(p), N, K,
+                     vad_panel_floats(N, K));
+        goto done;
+    }
+    if (b_obj != Py_None) {
+        if (!(b = as_float_array(b_obj, "bias", 1))) goto done;
+        if (PyArray_DIM(b, 0) != N) {
+            PyErr_Format(PyExc_ValueError, "bias has %zd values, expected %d", PyArray_DIM(b, 0), N);
+            goto done;
+        }
+    }
+    float beta = 0.0f;
+    if (o_obj != Py_None) {
+        if (!PyArray_Check(o_obj) || PyArray_TYPE((PyArrayObject *)o_obj) != NPY_FLOAT32 ||
+            PyArray_NDIM((PyArrayObject *)o_obj) != 2 || PyArray_DIM((PyArrayObject *)o_obj, 0) != M ||
+            PyArray_DIM((PyArrayObject *)o_obj, 1) != N || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o_obj) ||
+            !PyArray_ISWRITEABLE((PyArrayObject *)o_obj)) {
+            PyErr_Format(PyExc_ValueError, "out must be a writeable C-contiguous float32 array of shape (%d, %d)", M, N);
+            goto done;
+        }
+        o = (PyArrayObject *)o_obj;
+        Py_INCREF(o);
+        beta = 1.0f;
+    } else {
+        npy_intp dims[2] = {M, N};
+        if (!(o = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto done;
+    }
+    vad_pool *pool = vad_pool_create(nthreads);
+    if (!pool) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    vad_panel_linear(pool, (float *)PyArray_DATA(o), N, (const float *)PyArray_DATA(x), K,
+                     (const float *)PyArray_DATA(p), b ? (const float *)PyArray_DATA(b) : NULL, M, N, K, beta, act);
+    Py_END_ALLOW_THREADS
+    vad_pool_free(pool);
+    result = (PyObject *)o;
+    o = NULL;
+done:
+    Py_XDECREF(x);
+    Py_XDECREF(p);
+    Py_XDECREF(b);
+    Py_XDECREF(o);
+    return result;
+}
+
+static PyObject *py_dropout_mask(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t n;
+    double p;
+    unsigned long long seed;
+    int layer, image, site, token;
+    if (!PyArg_ParseTuple(args, "ndKiiii", &n, &p, &seed, &layer, &image, &site, &token)) return NULL;
+    if (n < 0 || !(p >= 0.0 && p < 1.0) || site < 0 || site > 3 || token < 0 || token > 1) {
+        PyErr_SetString(PyExc_ValueError, "need n >= 0, 0 <= p < 1, site in 0..3, token in 0..1");
+        return NULL;
+    }
+    npy_intp dims[1] = {n};
+    PyObject *out = new_float_array(1, dims);
+    if (!out) return NULL;
+    float *x = (float *)PyArray_DATA((PyArrayObject *)out);
+    for (Py_ssize_t i = 0; i < n; i++) x[i] = 1.0f;
+    vad_dropout_forward(NULL, x, n, (float)p, vad_dropout_stream(seed, layer, image, site, token));
+    return out;
+}
+
+static PyMethodDef testing_methods[] = {
+    {"sgemm_seconds", py_sgemm_seconds, METH_VARARGS,
+     "sgemm_seconds(n, repeats, num_threads) -> best wall time of one n x n x n SGEMM through the engine's\n"
+     "BLAS and thread pool (for peak-FLOP/s references in benchmarks)."},
+    {"panel_linear", (PyCFunction)(void (*)(void))py_panel_linear, METH_VARARGS | METH_KEYWORDS,
+     "panel_linear(x (M,K) float32, panels, n_out, bias=None, out=None, activation=-1, num_threads=1) -> out:\n"
+     "act(x W^T + bias (+ out when given, accumulated in place)) with W [n_out, K] stored in panels\n"
+     "(visualad.backbone.write_tensor); activation -1 none, 0 QuickGELU, 1 GELU (erf)."},
+    {"gaussian_filter", py_gaussian_filter, METH_VARARGS,
+     "gaussian_filter(maps (B,H,W) float32, sigma, num_threads=1) -> filtered copy (SciPy 'reflect', truncate 4)."},
+    {"dropout_mask", py_dropout_mask, METH_VARARGS,
+     "dropout_mask(n, p, seed, layer, image, site, token) -> float32 (n,) multipliers (0 or 1/(1-p)) the\n"
+     "training dropout uses (site 0 SAF hidden, 1 SAF out, 2 SCA attention, 3 SCA out)."},
+    {"resize_bilinear", py_resize_bilinear, METH_VARARGS,
+     "resize_bilinear(grid (H,W,C) float32, H_out, W_out) -> (H_out, W_out, C) (align_corners=False)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef testing_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "visualad._engine.testing",
+    .m_doc = "Test-only entry points: single engine kernels and probes for the tests and benchmarks.",
+    .m_size = -1,
+    .m_methods = testing_methods,
+};
+
+PyObject *vad_testing_module(void) { return PyModule_Create(&testing_module); }
