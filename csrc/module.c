@@ -7,6 +7,8 @@
 
 #include <math.h>
 
+#include "attention_fused.h"
+#include "cpu_features.h"
 #include "encode.h"
 #include "errors.h"
 #include "metrics.h"
@@ -883,6 +885,111 @@ static PyObject *py_simd_gemm_active(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(vad_panel_simd_active());
 }
 
+/* ================================================================== precision and kernels */
+
+/* "fp32" / "bf16" -> enum vad_precision; -1 with an exception set. */
+static int parse_precision(const char *name) {
+    if (!strcmp(name, "fp32")) return VAD_FP32;
+    if (!strcmp(name, "bf16")) return VAD_BF16;
+    PyErr_Format(PyExc_ValueError, "precision must be 'fp32' or 'bf16', got '%s'", name);
+    return -1;
+}
+
+static int add_flag(PyObject *d, const char *key, int value) {
+    PyObject *v = PyBool_FromLong(value);
+    int rc = v ? PyDict_SetItemString(d, key, v) : -1;
+    Py_XDECREF(v);
+    return rc;
+}
+
+static PyObject *py_cpu_features(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    const vad_cpu_features *f = vad_cpu_features_get();
+    PyObject *d = PyDict_New();
+    if (!d || add_flag(d, "avx512f", f->avx512f) || add_flag(d, "avx512bw", f->avx512bw) ||
+        add_flag(d, "avx512bf16", f->avx512bf16) || add_flag(d, "amx_tile", f->amx_tile) ||
+        add_flag(d, "amx_bf16", f->amx_bf16) || add_flag(d, "amx_int8", f->amx_int8) ||
+        add_flag(d, "os_amx", f->os_amx) || add_flag(d, "amx_permitted", f->amx_permitted)) {
+        Py_XDECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+static PyObject *py_precision_kernel(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    int precision = parse_precision(name);
+    if (precision < 0) return NULL;
+    return PyUnicode_FromString(vad_kernel_name(vad_precision_kernel(precision)));
+}
+
+static PyObject *py_set_fused_attention(PyObject *self, PyObject *arg) {
+    (void)self;
+    int enable = PyObject_IsTrue(arg);
+    if (enable < 0) return NULL;
+    return PyBool_FromLong(vad_attention_fused_set_fp32(enable));
+}
+
+/* The backbone's attention core on its own: qkv [B, T, 3D] -> out [B, T, D]. */
+static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"qkv", "heads", "precision", "num_threads", NULL};
+    PyObject *q_obj;
+    const char *prec_name = "fp32";
+    int heads, nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi|si", kwlist, &q_obj, &heads, &prec_name, &nthreads)) return NULL;
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return NULL;
+    if (vad_precision_check(precision)) return raise_status(VAD_ERR_VALUE);
+    if (nthreads < 1 || nthreads > 256 || heads < 1) {
+        PyErr_SetString(PyExc_ValueError, "need heads >= 1 and 1 <= num_threads <= 256");
+        return NULL;
+    }
+    PyArrayObject *q = as_float_array(q_obj, "qkv", 3);
+    if (!q) return NULL;
+    npy_intp B = PyArray_DIM(q, 0), T = PyArray_DIM(q, 1), D3 = PyArray_DIM(q, 2);
+    if (B < 1 || T < 1 || D3 < 3 || D3 % 3 || (D3 / 3) % heads || B * T * D3 > ((npy_intp)1 << 31)) {
+        PyErr_Format(PyExc_ValueError, "qkv must have shape (B, T, 3D) with D divisible by heads=%d, got (%zd, %zd, %zd)",
+                     heads, (Py_ssize_t)B, (Py_ssize_t)T, (Py_ssize_t)D3);
+        Py_DECREF(q);
+        return NULL;
+    }
+    if (!all_finite((const float *)PyArray_DATA(q), (size_t)PyArray_SIZE(q))) {
+        PyErr_SetString(PyExc_ValueError, "qkv contains NaN or Inf values");
+        Py_DECREF(q);
+        return NULL;
+    }
+    int D = (int)(D3 / 3);
+    npy_intp dims[3] = {B, T, D};
+    PyObject *out = new_float_array(3, dims);
+    int fused = vad_attention_fused_available(precision);
+    size_t n_scr = fused ? vad_attention_fused_scratch((int)T, D / heads, nthreads) : vad_attention_scratch((int)T, nthreads);
+    float *scratch = (float *)malloc(n_scr * sizeof(float));
+    vad_pool *pool = vad_pool_create(nthreads);
+    if (!out || !scratch || !pool) {
+        Py_XDECREF(out);
+        free(scratch);
+        vad_pool_free(pool);
+        Py_DECREF(q);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (fused)
+        vad_attention_fused(pool, (float *)PyArray_DATA((PyArrayObject *)out), (const float *)PyArray_DATA(q), scratch,
+                            (int)B, (int)T, D, heads, precision);
+    else
+        vad_attention(pool, (float *)PyArray_DATA((PyArrayObject *)out), (const float *)PyArray_DATA(q), scratch,
+                      (int)B, (int)T, D, heads);
+    Py_END_ALLOW_THREADS
+    vad_pool_free(pool);
+    free(scratch);
+    Py_DECREF(q);
+    return out;
+}
+
 /* ====== metrics (begin) */
 
 /* C-contiguous array of exactly the given NumPy type (visualad.metrics converts). New reference. */
@@ -1298,6 +1405,16 @@ static PyMethodDef module_methods[] = {
      "the CPU has it (the default), False sends them through BLAS sgemm panel by panel (process-wide)."},
     {"simd_gemm_active", py_simd_gemm_active, METH_NOARGS,
      "simd_gemm_active() -> True when the backbone's linear layers run on the AVX-512 kernel."},
+    {"cpu_features", py_cpu_features, METH_NOARGS,
+     "cpu_features() -> dict of the CPU / OS features the engine probed (CPUID, XGETBV, Linux AMX permission)."},
+    {"precision_kernel", py_precision_kernel, METH_VARARGS,
+     "precision_kernel('fp32' | 'bf16') -> the kernel family that precision runs on here ('none' if it cannot)."},
+    {"set_fused_attention", py_set_fused_attention, METH_O,
+     "set_fused_attention(enable) -> previous: True (the default) runs fp32 attention on the fused AVX-512\n"
+     "kernel when the CPU has it, False on the per-head BLAS path (process-wide; for comparisons)."},
+    {"attention", (PyCFunction)(void (*)(void))py_attention, METH_VARARGS | METH_KEYWORDS,
+     "attention(qkv (B,T,3D) float32, heads, precision='fp32', num_threads=1) -> (B,T,D): softmax(q k^T /\n"
+     "sqrt(D/heads)) v per head, on the kernel the backbone uses for that precision."},
     {"head_layout", py_head_layout, METH_O,
      "head_layout(config) -> ([(name, shape, offset, panel), ...], total_floats): the head buffer layout\n"
      "(every panel is 0: row-major)."},

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_fused.h"
+#include "cpu_features.h"
 #include "errors.h"
 #include "ops.h"
 #include "panel_gemm.h"
@@ -178,6 +180,8 @@ int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T) {
     size_t n_x = BT * D, n_h = BT * D, n_proj = BT * D, n_qkv = BT * 3 * D, n_mlp = BT * fc1_out;
     size_t n_mlp2 = c->activation == VAD_ACT_SWIGLU ? BT * (size_t)c->mlp_hidden : 0;
     size_t n_scr = vad_attention_scratch(T, vad_pool_size(m->pool));
+    size_t n_fused = vad_attention_fused_scratch(T, c->width / c->heads, vad_pool_size(m->pool));
+    if (n_fused > n_scr) n_scr = n_fused;
     size_t n_cols = (size_t)B * g * g * 3 * c->patch * c->patch;
     /* the im2col buffer is only live before the first block: share it with the MLP buffer */
     size_t n_shared = n_mlp > n_cols ? n_mlp : n_cols;
@@ -279,7 +283,10 @@ void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *
     vad_pool *pool = m->pool;
     vad_layernorm(pool, m->h, D, x, D, bw->ln1_w, bw->ln1_b, BT, D, c->ln_eps);
     vad_panel_linear(pool, m->qkv, 3 * D, m->h, D, bw->qkv_w, bw->qkv_b, BT, 3 * D, D, 0.0f, -1);
-    vad_attention(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads);
+    if (vad_attention_fused_available(m->precision))
+        vad_attention_fused(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads, m->precision);
+    else
+        vad_attention(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads);
     if (bw->ls1) {
         vad_panel_linear(pool, m->proj, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 0.0f, -1);
         vad_residual_add(pool, x, m->proj, bw->ls1, BT, D);

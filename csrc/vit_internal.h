@@ -9,6 +9,7 @@ struct vad_vit {
     vad_vit_config cfg;
     const float *params;
     vad_vit_weights w;
+    int precision; /* enum vad_precision */
     vad_pool *pool;
     /* patch positions resized to the current grid */
     int pos_grid;
