@@ -8,6 +8,7 @@
 #include <math.h>
 
 #include "attention_fused.h"
+#include "bf16_gemm.h"
 #include "cpu_features.h"
 #include "encode.h"
 #include "errors.h"
@@ -179,6 +180,8 @@ static PyObject *py_vit_layout(PyObject *self, PyObject *arg) {
     return res;
 }
 
+static int parse_precision(const char *name);
+
 /* ================================================================== Backbone type */
 
 typedef struct {
@@ -201,10 +204,17 @@ static void Backbone_dealloc(BackboneObject *self) {
 }
 
 static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"config", "params", "num_threads", NULL};
+    static char *kwlist[] = {"config", "params", "num_threads", "precision", NULL};
     PyObject *config, *params;
     int nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|i", kwlist, &config, &params, &nthreads)) return -1;
+    const char *prec_name = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|is", kwlist, &config, &params, &nthreads, &prec_name)) return -1;
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return -1;
+    if (vad_precision_check(precision)) {
+        raise_status(VAD_ERR_VALUE);
+        return -1;
+    }
     if (self->vit) {
         PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
         return -1;
@@ -226,6 +236,15 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
     if (!self->vit) {
         Py_DECREF(p);
         raise_status(VAD_ERR_MEMORY);
+        return -1;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = vad_vit_set_precision(self->vit, precision);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        Py_DECREF(p);
+        raise_status(rc);
         return -1;
     }
     self->encoder = vad_encoder_create(self->vit);
@@ -990,6 +1009,99 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwds) {
     return out;
 }
 
+/* The bf16 linear layer on its own: W [n_out, K] float32 is packed to bf16 panels here, then
+ * out (new, or given and accumulated) = act(bf16(x) bf16(W)^T + bias) with fp32 accumulation. */
+static PyObject *py_bf16_linear(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"x", "weight", "bias", "out", "activation", "num_threads", NULL};
+    PyObject *x_obj, *w_obj, *b_obj = Py_None, *o_obj = Py_None;
+    int act = -1, nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOii", kwlist, &x_obj, &w_obj, &b_obj, &o_obj, &act, &nthreads))
+        return NULL;
+    if (vad_precision_check(VAD_BF16)) return raise_status(VAD_ERR_VALUE);
+    if (act < -1 || act > VAD_ACT_GELU || nthreads < 1 || nthreads > 256) {
+        PyErr_SetString(PyExc_ValueError, "need activation in {-1, 0, 1}, 1 <= num_threads <= 256");
+        return NULL;
+    }
+    PyArrayObject *x = as_float_array(x_obj, "x", 2), *w = NULL, *b = NULL, *o = NULL;
+    PyObject *result = NULL;
+    vad_bf16 *packed = NULL, *abuf = NULL;
+    vad_pool *pool = NULL;
+    if (!x) return NULL;
+    if (!(w = as_float_array(w_obj, "weight", 2))) goto done;
+    npy_intp M = PyArray_DIM(x, 0), K = PyArray_DIM(x, 1), N = PyArray_DIM(w, 0);
+    if (M < 1 || K < 1 || N < 1 || PyArray_DIM(w, 1) != K || M > (1 << 24) || K > (1 << 20) || N > (1 << 20)) {
+        PyErr_Format(PyExc_ValueError, "x (M, K) and weight (N, K) need matching K >= 1, got (%zd, %zd) and (%zd, %zd)",
+                     (Py_ssize_t)M, (Py_ssize_t)K, (Py_ssize_t)N, (Py_ssize_t)PyArray_DIM(w, 1));
+        goto done;
+    }
+    if (b_obj != Py_None) {
+        if (!(b = as_float_array(b_obj, "bias", 1))) goto done;
+        if (PyArray_DIM(b, 0) != N) {
+            PyErr_Format(PyExc_ValueError, "bias has %zd values, expected %zd", (Py_ssize_t)PyArray_DIM(b, 0), (Py_ssize_t)N);
+            goto done;
+        }
+    }
+    float beta = 0.0f;
+    if (o_obj != Py_None) {
+        if (!PyArray_Check(o_obj) || PyArray_TYPE((PyArrayObject *)o_obj) != NPY_FLOAT32 ||
+            PyArray_NDIM((PyArrayObject *)o_obj) != 2 || PyArray_DIM((PyArrayObject *)o_obj, 0) != M ||
+            PyArray_DIM((PyArrayObject *)o_obj, 1) != N || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o_obj) ||
+            !PyArray_ISWRITEABLE((PyArrayObject *)o_obj)) {
+            PyErr_Format(PyExc_ValueError, "out must be a writeable C-contiguous float32 array of shape (%zd, %zd)",
+                         (Py_ssize_t)M, (Py_ssize_t)N);
+            goto done;
+        }
+        o = (PyArrayObject *)o_obj;
+        Py_INCREF(o);
+        beta = 1.0f;
+    } else {
+        npy_intp dims[2] = {M, N};
+        if (!(o = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto done;
+    }
+    packed = (vad_bf16 *)malloc(vad_bf16_panel_elems((int)N, (int)K) * sizeof(vad_bf16));
+    abuf = (vad_bf16 *)malloc(vad_bf16_input_elems((int)M, (int)K) * sizeof(vad_bf16));
+    pool = vad_pool_create(nthreads);
+    if (!packed || !abuf || !pool) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    vad_bf16_pack(packed, (const float *)PyArray_DATA(w), (int)N, (int)K, (size_t)K, 1);
+    vad_bf16_linear(pool, (float *)PyArray_DATA(o), (int)N, (const float *)PyArray_DATA(x), (int)K, packed,
+                    b ? (const float *)PyArray_DATA(b) : NULL, (int)M, (int)N, (int)K, beta, act, abuf);
+    Py_END_ALLOW_THREADS
+    result = (PyObject *)o;
+    o = NULL;
+done:
+    vad_pool_free(pool);
+    free(packed);
+    free(abuf);
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    Py_XDECREF(b);
+    Py_XDECREF(o);
+    return result;
+}
+
+static PyObject *py_bf16_gemm_seconds(PyObject *self, PyObject *args) {
+    (void)self;
+    int n, repeats, nthreads;
+    if (!PyArg_ParseTuple(args, "iii", &n, &repeats, &nthreads)) return NULL;
+    if (vad_precision_check(VAD_BF16)) return raise_status(VAD_ERR_VALUE);
+    if (n < 1 || n > 16384 || repeats < 1 || repeats > 1000 || nthreads < 1 || nthreads > 256) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= n <= 16384, 1 <= repeats <= 1000, 1 <= num_threads <= 256");
+        return NULL;
+    }
+    double best = -1.0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = vad_bf16_gemm_benchmark(n, repeats, nthreads, &best);
+    Py_END_ALLOW_THREADS
+    if (rc) return raise_status(rc);
+    return PyFloat_FromDouble(best);
+}
+
 /* ====== metrics (begin) */
 
 /* C-contiguous array of exactly the given NumPy type (visualad.metrics converts). New reference. */
@@ -1415,6 +1527,13 @@ static PyMethodDef module_methods[] = {
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_VARARGS | METH_KEYWORDS,
      "attention(qkv (B,T,3D) float32, heads, precision='fp32', num_threads=1) -> (B,T,D): softmax(q k^T /\n"
      "sqrt(D/heads)) v per head, on the kernel the backbone uses for that precision."},
+    {"bf16_linear", (PyCFunction)(void (*)(void))py_bf16_linear, METH_VARARGS | METH_KEYWORDS,
+     "bf16_linear(x (M,K) float32, weight (N,K) float32, bias=None, out=None, activation=-1, num_threads=1)\n"
+     "-> out: act(bf16(x) bf16(weight)^T + bias (+ out, accumulated in place)), fp32 accumulation, on the\n"
+     "backbone's bf16 kernel (weight packed to bf16 panels first)."},
+    {"bf16_gemm_seconds", py_bf16_gemm_seconds, METH_VARARGS,
+     "bf16_gemm_seconds(n, repeats, num_threads) -> best wall time of one n x n x n bf16 linear layer\n"
+     "(the bf16 peak reference for benchmarks)."},
     {"head_layout", py_head_layout, METH_O,
      "head_layout(config) -> ([(name, shape, offset, panel), ...], total_floats): the head buffer layout\n"
      "(every panel is 0: row-major)."},
