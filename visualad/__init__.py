@@ -12,8 +12,9 @@ preload_openblas()
 from . import _engine  # noqa: E402
 from . import metrics  # noqa: E402
 from .detector import Detector  # noqa: E402
+from .engine_info import engine_info  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .plotting import plot_overlay  # noqa: E402  (matplotlib itself is imported on first use)
 
-__all__ = ["Detector", "CheckpointError", "plot_overlay"]
+__all__ = ["Detector", "CheckpointError", "engine_info", "plot_overlay"]
 __version__ = "0.1.0"

@@ -33,13 +33,20 @@ def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-size", type=int, metavar="S", help="input side S (default: the head's, else 518)")
     group.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per engine call (default 8)")
     group.add_argument("--threads", type=int, metavar="T", help="CPU threads (default: all cores)")
+    add_precision_argument(group)
+
+
+def add_precision_argument(parser) -> None:
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="backbone arithmetic: fp32 (default, parity-tested) or bf16 (AVX512-BF16; "
+                             "see visualad.engine_info())")
 
 
 def detector_from_args(args: argparse.Namespace, **params):
     """A Detector from the options of :func:`add_detector_arguments` (plus ``params``)."""
     from .detector import Detector
     return Detector(args.backbone, head=args.head, image_size=args.image_size, batch_size=args.batch_size,
-                    num_threads=args.threads, **params)
+                    num_threads=args.threads, precision=args.precision, **params)
 
 
 def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
@@ -150,11 +157,12 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", metavar="DST", help="output file (the format Detector.save writes)")
     parser.add_argument("--head", metavar="HEAD", help="VisualAD head to include (default: a fresh head)")
     parser.add_argument("--image-size", type=int, metavar="S", help="input side S stored with the detector")
+    add_precision_argument(parser)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .detector import Detector
-    det = Detector(args.src, head=args.head, image_size=args.image_size)
+    det = Detector(args.src, head=args.head, image_size=args.image_size, precision=args.precision)
     det.save(args.dst)
     bb = det._backbone_
     print(f"wrote {args.dst}: {bb.family} backbone (width {bb.width}, depth {bb.depth}), "
@@ -213,12 +221,13 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="visualad-demo-output", metavar="DIR",
                         help="output folder (default ./visualad-demo-output)")
     parser.add_argument("--threads", type=int, metavar="T", help="CPU threads (default: all cores)")
+    add_precision_argument(parser)
     _add_progress_argument(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(args.out, progress=args.progress, num_threads=args.threads)
+    run_demo(args.out, progress=args.progress, num_threads=args.threads, precision=args.precision)
     return 0
 
 

@@ -97,7 +97,8 @@ def write_demo_dataset(root: str, n_good: int = 8, n_bad: int = 8, size: int = 2
     return root
 
 
-def run_demo(out_dir: str = "visualad-demo-output", progress: bool = True, num_threads=None) -> dict:
+def run_demo(out_dir: str = "visualad-demo-output", progress: bool = True, num_threads=None,
+             precision: str = "fp32") -> dict:
     """Writes the demo dataset, evaluates the default detector on it, and writes
     overlays/*.png, scores.csv, results.csv/json into out_dir. Returns the report's mean row."""
     from .datasets import load_dataset, load_mask
@@ -105,7 +106,7 @@ def run_demo(out_dir: str = "visualad-demo-output", progress: bool = True, num_t
     from .plotting import save_overlay
     t0 = time.perf_counter()
     data_root = write_demo_dataset(os.path.join(out_dir, "data"))
-    det = default_detector(num_threads=num_threads, progress=False)
+    det = default_detector(num_threads=num_threads, progress=False, precision=precision)
     dataset = load_dataset(data_root, "mvtec", "test")
     report = evaluate(det, dataset, progress=progress)
     report.write_csv(os.path.join(out_dir, "results.csv"))
