@@ -159,23 +159,23 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-int vad_bf16_gemm_benchmark(int n, int repeats, int nthreads, double *best_seconds) {
-    size_t nn = (size_t)n * n;
-    float *a = (float *)malloc(2 * nn * sizeof(float));
-    vad_bf16 *w = (vad_bf16 *)malloc(vad_bf16_panel_elems(n, n) * sizeof(vad_bf16));
-    vad_bf16 *abuf = (vad_bf16 *)malloc(vad_bf16_input_elems(n, n) * sizeof(vad_bf16));
+int vad_bf16_gemm_benchmark(int M, int N, int K, int repeats, int nthreads, double *best_seconds) {
+    size_t na = (size_t)M * K, nw = (size_t)N * K, nc = (size_t)M * N;
+    float *a = (float *)malloc((na + nw + nc) * sizeof(float));
+    vad_bf16 *w = (vad_bf16 *)malloc(vad_bf16_panel_elems(N, K) * sizeof(vad_bf16));
+    vad_bf16 *abuf = (vad_bf16 *)malloc(vad_bf16_input_elems(M, K) * sizeof(vad_bf16));
     vad_pool *pool = vad_pool_create(nthreads);
     if (!a || !w || !abuf || !pool) {
         free(a), free(w), free(abuf);
         vad_pool_free(pool);
         return vad_fail(VAD_ERR_MEMORY, "out of memory in the bf16 GEMM probe");
     }
-    for (size_t i = 0; i < nn; i++) a[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
-    vad_bf16_pack(w, a, n, n, (size_t)n, 1);
+    for (size_t i = 0; i < na + nw; i++) a[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+    vad_bf16_pack(w, a + na, N, K, (size_t)K, 1);
     double best = 1e30;
     for (int r = 0; r <= repeats; r++) { /* first run is a warm-up */
         double t0 = now_seconds();
-        vad_bf16_linear(pool, a + nn, n, a, n, w, NULL, n, n, n, 0.0f, -1, abuf);
+        vad_bf16_linear(pool, a + na + nw, N, a, K, w, NULL, M, N, K, 0.0f, -1, abuf);
         double dt = now_seconds() - t0;
         if (r > 0 && dt < best) best = dt;
     }

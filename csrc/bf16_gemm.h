@@ -30,8 +30,8 @@ void vad_bf16_pack(vad_bf16 *dst, const float *src, int N, int K, size_t stride_
 void vad_bf16_linear(vad_pool *pool, float *C, int ldc, const float *A, int lda, const vad_bf16 *packed,
                      const float *bias, int M, int N, int K, float beta, int act, vad_bf16 *abuf);
 
-/* Best wall time (seconds) of an n x n x n vad_bf16_linear over `repeats` runs with a fresh pool of
- * nthreads (inputs already bf16 values): the bf16 peak reference for benchmarks. */
-int vad_bf16_gemm_benchmark(int n, int repeats, int nthreads, double *best_seconds);
+/* Best wall time (seconds) of one [M,K] x [K,N] vad_bf16_linear (input rounding included, weight
+ * packing not) over `repeats` runs with a fresh pool of nthreads: the bf16 reference rate for benchmarks. */
+int vad_bf16_gemm_benchmark(int M, int N, int K, int repeats, int nthreads, double *best_seconds);
 
 #endif

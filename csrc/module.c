@@ -1086,17 +1086,18 @@ done:
 
 static PyObject *py_bf16_gemm_seconds(PyObject *self, PyObject *args) {
     (void)self;
-    int n, repeats, nthreads;
-    if (!PyArg_ParseTuple(args, "iii", &n, &repeats, &nthreads)) return NULL;
+    int M, N, K, repeats, nthreads;
+    if (!PyArg_ParseTuple(args, "iiiii", &M, &N, &K, &repeats, &nthreads)) return NULL;
     if (vad_precision_check(VAD_BF16)) return raise_status(VAD_ERR_VALUE);
-    if (n < 1 || n > 16384 || repeats < 1 || repeats > 1000 || nthreads < 1 || nthreads > 256) {
-        PyErr_SetString(PyExc_ValueError, "need 1 <= n <= 16384, 1 <= repeats <= 1000, 1 <= num_threads <= 256");
+    if (M < 1 || N < 1 || K < 1 || M > 16384 || N > 16384 || K > 16384 || repeats < 1 || repeats > 1000 ||
+        nthreads < 1 || nthreads > 256) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= M, N, K <= 16384, 1 <= repeats <= 1000, 1 <= num_threads <= 256");
         return NULL;
     }
     double best = -1.0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = vad_bf16_gemm_benchmark(n, repeats, nthreads, &best);
+    rc = vad_bf16_gemm_benchmark(M, N, K, repeats, nthreads, &best);
     Py_END_ALLOW_THREADS
     if (rc) return raise_status(rc);
     return PyFloat_FromDouble(best);
@@ -1532,8 +1533,8 @@ static PyMethodDef module_methods[] = {
      "-> out: act(bf16(x) bf16(weight)^T + bias (+ out, accumulated in place)), fp32 accumulation, on the\n"
      "backbone's bf16 kernel (weight packed to bf16 panels first)."},
     {"bf16_gemm_seconds", py_bf16_gemm_seconds, METH_VARARGS,
-     "bf16_gemm_seconds(n, repeats, num_threads) -> best wall time of one n x n x n bf16 linear layer\n"
-     "(the bf16 peak reference for benchmarks)."},
+     "bf16_gemm_seconds(M, N, K, repeats, num_threads) -> best wall time of one (M,K) x (K,N) bf16 linear\n"
+     "layer on pre-packed weights (the bf16 reference rate for benchmarks)."},
     {"head_layout", py_head_layout, METH_O,
      "head_layout(config) -> ([(name, shape, offset, panel), ...], total_floats): the head buffer layout\n"
      "(every panel is 0: row-major)."},
