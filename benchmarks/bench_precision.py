@@ -10,7 +10,7 @@ pipeline in both precisions (time, map error / map range, score error), a profil
 child process). The one training step is benchmarks/bench_train.py --precision bf16 / --autocast.
 
 Needs the `bench` extra (onnxruntime, openvino). Usage:
-  python benchmarks/bench_precision.py [--threads 2] [--repeats 3] [--quick] [--skip-peers]
+  python benchmarks/bench_precision.py [--threads 2] [--repeats 3] [--quick] [--skip-peers] [--config I ...]
 """
 from __future__ import annotations
 
@@ -150,6 +150,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="only ViT-B/16 at 224, batch 1")
     ap.add_argument("--skip-peers", action="store_true", help="visualad only (no ONNX Runtime / OpenVINO / PyTorch)")
+    ap.add_argument("--config", type=int, action="append", metavar="I",
+                    help="run only CONFIGS[I] (0: ViT-B/16 b1, 1: ViT-B/16 b8, 2: ViT-L/14@518 b1); repeatable")
     ap.add_argument("--rss-child", nargs=2, metavar=("CONFIG", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -162,9 +164,10 @@ def main():
     fp32_rate = 2 * 4096 ** 3 / _engine.sgemm_seconds(4096, 2, args.threads) / 1e12
     print(f"bf16 GEMM rate (1372x1024 @ 1024x4096, engine kernel): {bf16_rate:.3f} TFLOP/s; "
           f"fp32 SGEMM 4096^3 (OpenBLAS): {fp32_rate:.3f} TFLOP/s")
-    configs = CONFIGS[:1] if args.quick else CONFIGS
+    chosen = [0] if args.quick else (args.config or range(len(CONFIGS)))
     towers = {}
-    for ci, (name, width, depth, patch, grid, size, batch) in enumerate(configs):
+    for ci in chosen:
+        name, width, depth, patch, grid, size, batch = CONFIGS[ci]
         if name not in towers:
             towers.clear()
             sd = random_openai(width, depth, patch, grid)

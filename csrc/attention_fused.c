@@ -31,7 +31,8 @@ static atomic_int fp32_enabled = 1;
 
 int vad_attention_fused_available(int precision) {
     const vad_cpu_features *f = vad_cpu_features_get();
-    return precision == VAD_BF16 ? f->avx512bf16 : f->avx512f && atomic_load(&fp32_enabled);
+    if (precision == VAD_BF16) return vad_precision_kernel(VAD_BF16) == VAD_KERNEL_AVX512BF16;
+    return f->avx512f && atomic_load(&fp32_enabled);
 }
 
 int vad_attention_fused_set_fp32(int enable) {
@@ -79,7 +80,8 @@ VAD_AVX512 static inline __attribute__((always_inline)) float softmax_step(const
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int v = 0; v < 4; v++) mx = _mm512_mask_max_ps(mx, lanes(nk - 16 * v), mx, s[v]);
     float bm = _mm512_reduce_max_ps(mx), m_new = bm > *m ? bm : *m;
-    float alpha = *m == -INFINITY ? 0.0f : vad_expf((*m - m_new) * scale);
+    /* exp(0) is exactly 1: skip it when the maximum did not grow (most blocks after the first) */
+    float alpha = *m == -INFINITY ? 0.0f : m_new == *m ? 1.0f : vad_expf((*m - m_new) * scale);
     __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(m_new), sc = _mm512_set1_ps(scale);
     for (int v = 0; v < 4; v++) {
         p[v] = _mm512_maskz_mov_ps(lanes(nk - 16 * v), exp16(_mm512_mul_ps(_mm512_sub_ps(s[v], mv), sc)));

@@ -1,6 +1,7 @@
 #include "cpu_features.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "errors.h"
 
@@ -57,10 +58,19 @@ const vad_cpu_features *vad_cpu_features_get(void) {
     return &features;
 }
 
+static atomic_int bf16_allowed = 1;
+
+int vad_precision_allow_bf16(int allow) {
+    int prev = atomic_load(&bf16_allowed);
+    atomic_store(&bf16_allowed, allow ? 1 : 0);
+    return prev;
+}
+
 int vad_precision_kernel(int precision) {
     const vad_cpu_features *f = vad_cpu_features_get();
     if (precision == VAD_FP32) return f->avx512f ? VAD_KERNEL_AVX512 : VAD_KERNEL_BLAS;
-    if (precision == VAD_BF16) return f->avx512bf16 ? VAD_KERNEL_AVX512BF16 : VAD_KERNEL_NONE;
+    if (precision == VAD_BF16)
+        return f->avx512bf16 && atomic_load(&bf16_allowed) ? VAD_KERNEL_AVX512BF16 : VAD_KERNEL_NONE;
     return VAD_KERNEL_NONE;
 }
 

@@ -29,6 +29,9 @@ enum vad_kernel {
  * vad_cpu_features_get but not used yet: bf16 then still runs on AVX512-BF16. */
 int vad_precision_kernel(int precision);
 const char *vad_kernel_name(int kernel);
+/* 0: behave as if the CPU had no AVX512-BF16 (tests of the refusal); 1 (the default): as probed.
+ * Returns the previous setting. */
+int vad_precision_allow_bf16(int allow);
 /* VAD_OK, or VAD_ERR_VALUE naming the missing CPU feature. */
 int vad_precision_check(int precision);
 

@@ -945,6 +945,13 @@ static PyObject *py_precision_kernel(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(vad_kernel_name(vad_precision_kernel(precision)));
 }
 
+static PyObject *py_allow_bf16(PyObject *self, PyObject *arg) {
+    (void)self;
+    int allow = PyObject_IsTrue(arg);
+    if (allow < 0) return NULL;
+    return PyBool_FromLong(vad_precision_allow_bf16(allow));
+}
+
 static PyObject *py_set_fused_attention(PyObject *self, PyObject *arg) {
     (void)self;
     int enable = PyObject_IsTrue(arg);
@@ -1522,6 +1529,9 @@ static PyMethodDef module_methods[] = {
      "cpu_features() -> dict of the CPU / OS features the engine probed (CPUID, XGETBV, Linux AMX permission)."},
     {"precision_kernel", py_precision_kernel, METH_VARARGS,
      "precision_kernel('fp32' | 'bf16') -> the kernel family that precision runs on here ('none' if it cannot)."},
+    {"allow_bf16", py_allow_bf16, METH_O,
+     "allow_bf16(allow) -> previous: False makes the engine behave as on a CPU without AVX512-BF16 (bf16 is\n"
+     "then refused with the error such a CPU gives; process-wide, for tests); True (the default) as probed."},
     {"set_fused_attention", py_set_fused_attention, METH_O,
      "set_fused_attention(enable) -> previous: True (the default) runs fp32 attention on the fused AVX-512\n"
      "kernel when the CPU has it, False on the per-head BLAS path (process-wide; for comparisons)."},

@@ -148,6 +148,22 @@ def test_precision_is_a_parameter_and_is_validated():
         _engine.Backbone({}, np.zeros(1, np.float32), 1, "int8")
 
 
+def test_bf16_is_refused_naming_the_feature_where_the_cpu_lacks_it():
+    (_, d16), size, _ = detectors("clip-64")
+    previous = _engine.allow_bf16(False)
+    try:
+        assert visualad.engine_info()["precisions"]["bf16"] == {
+            "kernel": "none", "available": False,
+            "reason": "needs AVX512-BF16 (vdpbf16ps), which this CPU or OS does not offer"}
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            d16.anomaly_scores(random_images(1, size).numpy())
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            _engine.bf16_linear(np.ones((1, 1), np.float32), np.ones((1, 1), np.float32))
+    finally:
+        _engine.allow_bf16(previous)
+    assert d16.anomaly_scores(random_images(1, size).numpy()).shape == (1,)
+
+
 def test_engine_info_reports_features_and_kernels():
     info = visualad.engine_info()
     assert set(info["cpu_features"]) >= {"avx512f", "avx512bf16", "amx_tile", "amx_bf16", "os_amx", "amx_permitted"}
