@@ -187,6 +187,7 @@ VAD_AVX512 static void head_f32(float *out, int ldo, const float *Q, const float
 }
 
 /* ---------------------------------------------------------------- bf16 */
+#ifdef VAD_HAVE_BF16_KERNELS
 
 /* bf16 operands: K as key blocks [kb][pair p][64 keys][2] (dims 2p, 2p+1), V as key pairs
  * [q][dhv][2] (keys 2q, 2q+1), Q as rows [t][2 * dh2]; zero past T and past dh. */
@@ -271,6 +272,8 @@ VAD_TARGET_BF16 static void head_bf16(float *out, int ldo, const float *Q, const
     }
 }
 
+#endif
+
 static void fused_task(void *vctx, int64_t begin, int64_t end, int tid) {
     const fused_ctx *c = (const fused_ctx *)vctx;
     int T = c->T, D = c->D, dh = D / c->heads;
@@ -279,10 +282,13 @@ static void fused_task(void *vctx, int64_t begin, int64_t end, int tid) {
         int b = (int)(job / c->heads), h = (int)(job % c->heads);
         const float *base = c->qkv + (size_t)b * T * 3 * D + (size_t)h * dh;
         float *o = c->out + (size_t)b * T * D + (size_t)h * dh;
-        if (c->precision == VAD_BF16)
+#ifdef VAD_HAVE_BF16_KERNELS
+        if (c->precision == VAD_BF16) {
             head_bf16(o, D, base, base + D, base + 2 * D, 3 * D, T, dh, w);
-        else
-            head_f32(o, D, base, base + D, base + 2 * D, 3 * D, T, dh, w);
+            continue;
+        }
+#endif
+        head_f32(o, D, base, base + D, base + 2 * D, 3 * D, T, dh, w);
     }
 }
 

@@ -23,7 +23,11 @@ static inline float vad_from_bf16(vad_bf16 h) {
     return x;
 }
 
-#if defined(__x86_64__) || defined(__i386__)
+/* The bf16 kernels need a compiler that knows AVX512-BF16 (GCC 10+, clang 9+); without one they are
+ * left out and precision "bf16" is refused at run time (cpu_features.c). */
+#if (defined(__x86_64__) || defined(__i386__)) && \
+    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define VAD_HAVE_BF16_KERNELS 1
 #include <immintrin.h>
 
 #define VAD_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))

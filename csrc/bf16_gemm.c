@@ -45,9 +45,7 @@ typedef struct {
     int act;
 } bf16_ctx;
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-
+#ifdef VAD_HAVE_BF16_KERNELS
 /* abuf rows [r0, r1) = bf16(A rows), each 2 * pairs_of(K) long (zero past K). */
 VAD_TARGET_BF16 static void round_rows_task(void *vctx, int64_t r0, int64_t r1, int tid) {
     (void)tid;

@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
+#include "bf16.h"
 #include "errors.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -69,8 +70,10 @@ int vad_precision_allow_bf16(int allow) {
 int vad_precision_kernel(int precision) {
     const vad_cpu_features *f = vad_cpu_features_get();
     if (precision == VAD_FP32) return f->avx512f ? VAD_KERNEL_AVX512 : VAD_KERNEL_BLAS;
+#ifdef VAD_HAVE_BF16_KERNELS
     if (precision == VAD_BF16)
         return f->avx512bf16 && atomic_load(&bf16_allowed) ? VAD_KERNEL_AVX512BF16 : VAD_KERNEL_NONE;
+#endif
     return VAD_KERNEL_NONE;
 }
 
@@ -87,7 +90,12 @@ int vad_precision_check(int precision) {
     if (precision != VAD_FP32 && precision != VAD_BF16)
         return vad_fail(VAD_ERR_VALUE, "unknown precision %d", precision);
     if (vad_precision_kernel(precision) == VAD_KERNEL_NONE)
+#ifdef VAD_HAVE_BF16_KERNELS
         return vad_fail(VAD_ERR_VALUE, "precision 'bf16' needs a CPU with AVX512-BF16 (vdpbf16ps), "
                         "which this CPU (or its operating system) does not offer; use precision='fp32'");
+#else
+        return vad_fail(VAD_ERR_VALUE, "precision 'bf16' needs AVX512-BF16 kernels, which this build "
+                        "left out (its compiler has no AVX512-BF16 support); use precision='fp32'");
+#endif
     return VAD_OK;
 }
