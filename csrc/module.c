@@ -18,6 +18,13 @@ static PyMethodDef module_methods[] = {
      "the CPU has it (the default), False sends them through BLAS sgemm panel by panel (process-wide)."},
     {"simd_gemm_active", py_simd_gemm_active, METH_NOARGS,
      "simd_gemm_active() -> True when the backbone's linear layers run on the AVX-512 kernel."},
+    {"cpu_features", py_cpu_features, METH_NOARGS,
+     "cpu_features() -> dict of the CPU / OS features the engine probed (CPUID, XGETBV, Linux AMX permission)."},
+    {"precision_kernel", py_precision_kernel, METH_VARARGS,
+     "precision_kernel('fp32' | 'bf16') -> the kernel family that precision runs on here ('none' if it cannot)."},
+    {"set_fused_attention", py_set_fused_attention, METH_O,
+     "set_fused_attention(enable) -> previous: True (the default) runs fp32 attention on the fused AVX-512\n"
+     "kernel when the CPU has it, False on the per-head BLAS path (process-wide; for comparisons)."},
     {"head_layout", py_head_layout, METH_O,
      "head_layout(config) -> ([(name, shape, offset, panel), ...], total_floats): the head buffer layout\n"
      "(every panel is 0: row-major)."},

@@ -2,6 +2,8 @@
  * between the backbone's own GEMM kernel and BLAS (csrc/panel_gemm.h). */
 #include "py_glue.h"
 
+#include "attention_fused.h"
+#include "cpu_features.h"
 #include "encode.h"
 #include "errors.h"
 #include "panel_gemm.h"
@@ -62,9 +64,17 @@ static void Backbone_dealloc(BackboneObject *self) {
 }
 
 static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "params", "num_threads", "precision", NULL};
     PyObject *config, *params;
-    int nthreads;
-    if (parse_engine_init(args, kwds, &config, &params, &nthreads)) return -1;
+    int nthreads = 1;
+    const char *prec_name = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|is", kwlist, &config, &params, &nthreads, &prec_name)) return -1;
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return -1;
+    if (vad_precision_check(precision)) {
+        raise_status(VAD_ERR_VALUE);
+        return -1;
+    }
     if (self->vit) {
         PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
         return -1;
@@ -75,10 +85,20 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
     vad_vit_layout(&cfg, NULL, 0, &total);
     PyArrayObject *p = weight_buffer(params, total, "params", 0);
     if (!p) return -1;
+    if (nthreads < 1) nthreads = 1;
     self->vit = vad_vit_create(&cfg, (const float *)PyArray_DATA(p), nthreads);
     if (!self->vit) {
         Py_DECREF(p);
         raise_status(VAD_ERR_MEMORY);
+        return -1;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = vad_vit_set_precision(self->vit, precision);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        Py_DECREF(p);
+        raise_status(rc);
         return -1;
     }
     self->encoder = vad_encoder_create(self->vit);
@@ -366,4 +386,42 @@ PyObject *py_simd_gemm_active(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
     return PyBool_FromLong(vad_panel_simd_active());
+}
+
+static int add_flag(PyObject *d, const char *key, int value) {
+    PyObject *v = PyBool_FromLong(value);
+    int rc = v ? PyDict_SetItemString(d, key, v) : -1;
+    Py_XDECREF(v);
+    return rc;
+}
+
+PyObject *py_cpu_features(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    const vad_cpu_features *f = vad_cpu_features_get();
+    PyObject *d = PyDict_New();
+    if (!d || add_flag(d, "avx512f", f->avx512f) || add_flag(d, "avx512bw", f->avx512bw) ||
+        add_flag(d, "avx512bf16", f->avx512bf16) || add_flag(d, "amx_tile", f->amx_tile) ||
+        add_flag(d, "amx_bf16", f->amx_bf16) || add_flag(d, "amx_int8", f->amx_int8) ||
+        add_flag(d, "os_amx", f->os_amx) || add_flag(d, "amx_permitted", f->amx_permitted)) {
+        Py_XDECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+PyObject *py_precision_kernel(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    int precision = parse_precision(name);
+    if (precision < 0) return NULL;
+    return PyUnicode_FromString(vad_kernel_name(vad_precision_kernel(precision)));
+}
+
+PyObject *py_set_fused_attention(PyObject *self, PyObject *arg) {
+    (void)self;
+    int enable = PyObject_IsTrue(arg);
+    if (enable < 0) return NULL;
+    return PyBool_FromLong(vad_attention_fused_set_fp32(enable));
 }

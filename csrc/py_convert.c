@@ -2,8 +2,11 @@
 #include "py_glue.h"
 
 #include <math.h>
+#include <string.h>
 
+#include "cpu_features.h"
 #include "errors.h"
+#include "vit.h"
 
 PyObject *raise_status(int rc) {
     PyErr_SetString(rc == VAD_ERR_MEMORY ? PyExc_MemoryError : PyExc_ValueError, vad_last_error());
@@ -146,6 +149,14 @@ static PyObject *layout_to_list(vad_tensor_entry *entries, int n, size_t total) 
     return Py_BuildValue("(Nn)", list, (Py_ssize_t)total);
 }
 
+/* "fp32" / "bf16" -> enum vad_precision; -1 with an exception set. */
+int parse_precision(const char *name) {
+    if (!strcmp(name, "fp32")) return VAD_FP32;
+    if (!strcmp(name, "bf16")) return VAD_BF16;
+    PyErr_Format(PyExc_ValueError, "precision must be 'fp32' or 'bf16', got '%s'", name);
+    return -1;
+}
+
 /* Head inputs: feats (L arrays (B, N, D), square N), anomaly/normal tokens (B, D). On success the
  * arrays are new references the caller releases (feats[0..L), *ta, *tn). */
 
@@ -191,14 +202,6 @@ PyObject *layout_to_python(vad_layout_fn layout, const void *cfg) {
     PyObject *res = layout_to_list(entries, n, total);
     PyMem_Free(entries);
     return res;
-}
-
-int parse_engine_init(PyObject *args, PyObject *kwds, PyObject **config, PyObject **params, int *nthreads) {
-    static char *kwlist[] = {"config", "params", "num_threads", NULL};
-    *nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|i", kwlist, config, params, nthreads)) return -1;
-    if (*nthreads < 1) *nthreads = 1;
-    return 0;
 }
 
 PyArrayObject *weight_buffer(PyObject *params, size_t total, const char *what, int in_place) {

@@ -58,12 +58,11 @@ PyArrayObject *check_vector(PyObject *obj, const char *what, int D);
 /* A parameter layout (vad_vit_layout, vad_head_layout) as ([(name, shape, offset, panel), ...], total). */
 typedef int (*vad_layout_fn)(const void *cfg, vad_tensor_entry *entries, int max, size_t *total);
 PyObject *layout_to_python(vad_layout_fn layout, const void *cfg);
-/* The (config, params, num_threads=1) arguments of Backbone() and Head(); num_threads at least 1. */
-int parse_engine_init(PyObject *args, PyObject *kwds, PyObject **config, PyObject **params, int *nthreads);
 /* The float32 weight buffer of an engine object whose layout needs `total` floats. in_place: the
  * engine updates it (training), so it must be the caller's own writeable array, never a copy.
  * New reference, or NULL with an exception set. */
 PyArrayObject *weight_buffer(PyObject *params, size_t total, const char *what, int in_place);
+int parse_precision(const char *name);
 PyArrayObject *train_array(PyObject *obj, const char *what, int type, int nd, const npy_intp *dims);
 int inplace_vector_nd(PyObject *obj, const char *what, int ndim);
 int inplace_vector(PyObject *obj, const char *what);
@@ -73,6 +72,9 @@ PyObject *py_vit_layout(PyObject *self, PyObject *arg);
 extern PyTypeObject BackboneType;
 PyObject *py_set_simd_gemm(PyObject *self, PyObject *arg);
 PyObject *py_simd_gemm_active(PyObject *self, PyObject *unused);
+PyObject *py_cpu_features(PyObject *self, PyObject *unused);
+PyObject *py_precision_kernel(PyObject *self, PyObject *args);
+PyObject *py_set_fused_attention(PyObject *self, PyObject *arg);
 
 /* ---- py_head.c */
 /* The grid side g of N patch features (N = g * g) and a top-k count in 1..S*S for maps of side S;

@@ -83,9 +83,11 @@ int head_grid(int N, int S, int topk, int *g) {
 }
 
 static int Head_init(HeadObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "params", "num_threads", NULL};
     PyObject *config, *params;
-    int nthreads;
-    if (parse_engine_init(args, kwds, &config, &params, &nthreads)) return -1;
+    int nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|i", kwlist, &config, &params, &nthreads)) return -1;
+    if (nthreads < 1) nthreads = 1;
     if (self->head) {
         PyErr_SetString(PyExc_RuntimeError, "Head is already initialised");
         return -1;

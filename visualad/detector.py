@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _engine
 from .backbone import EngineBackbone, build_backbone
+from .engine_info import PRECISIONS
 from .errors import CheckpointError, UntrainedHeadWarning
 from .head import default_layers, head_engine_config, init_head, pack_head, validate_head
 from .preprocess import ImageSource
@@ -91,6 +92,11 @@ class Detector:
         Decision threshold on ``anomaly_scores`` (:meth:`calibrate` sets it from normal images).
     num_threads : int, optional
         Threads for the C engine (None = all cores).
+    precision : {"fp32", "bf16"}
+        Arithmetic of the backbone. "fp32" (the default) is the parity-tested path. "bf16" runs the
+        backbone's products with bf16 inputs and fp32 accumulation on the CPU's bf16 instructions
+        (AVX512-BF16; refused with an error naming the feature where the CPU lacks it); the head,
+        LayerNorm, softmax and the residual stream stay fp32. See :func:`visualad.engine_info`.
     random_state : int
         Seed for fresh heads and training.
     batch_size : int
@@ -113,7 +119,7 @@ class Detector:
     def __init__(self, backbone, head=None, *, image_size=None, layers=None, sigma=4.0, topk_ratio=0.01,
                  threshold=0.0, num_threads=None, random_state=111, batch_size=8, progress=False,
                  epochs=1, learning_rate=1e-3, head_learning_rate=1e-4, dropout=0.1, ln_post="head",
-                 missing_mask="skip"):
+                 missing_mask="skip", precision="fp32"):
         self.backbone = backbone
         self.head = head
         self.image_size = image_size
@@ -129,6 +135,7 @@ class Detector:
         self.learning_rate = learning_rate
         self.head_learning_rate = head_learning_rate
         self.dropout = dropout
+        self.precision = precision
         self.ln_post = ln_post
         self.missing_mask = missing_mask
 
@@ -177,6 +184,11 @@ class Detector:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         return n
 
+    def _precision(self) -> str:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        return self.precision
+
     def _model(self):
         """Loads the backbone, engine and head once; each is rebuilt only when what it depends on
         changes (a trained ``head_`` survives e.g. a new ``num_threads``)."""
@@ -184,9 +196,10 @@ class Detector:
             self._backbone_, self._stored_head = _load_backbone(self.backbone)
             self._backbone_id = id(self.backbone)
             self._engine_key = self._head_src = None
-        engine_key = (self._backbone_id, self._threads())
+        engine_key = (self._backbone_id, self._threads(), self._precision())
         if self._engine_key != engine_key:
-            self._engine_ = _engine.Backbone(self._backbone_.config, self._backbone_.params, self._threads())
+            self._engine_ = _engine.Backbone(self._backbone_.config, self._backbone_.params, self._threads(),
+                                             self._precision())
             self._engine_key = engine_key
         if self._head_src != id(self.head) or getattr(self, "head_", None) is None:
             self._reset_head()
