@@ -120,6 +120,37 @@ static PyObject *py_sgemm_seconds(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(best);
 }
 
+/* The optional bias [N] and out [M, N] of a linear-layer probe: *o is `out` (accumulated into,
+ * *beta = 1) or a new array (*beta = 0). New references; -1 with an exception set. */
+static int linear_bias_out(PyObject *b_obj, PyObject *o_obj, npy_intp M, npy_intp N, PyArrayObject **b,
+                           PyArrayObject **o, float *beta) {
+    *beta = 0.0f;
+    if (b_obj != Py_None) {
+        if (!(*b = as_float_array(b_obj, "bias", 1))) return -1;
+        if (PyArray_DIM(*b, 0) != N) {
+            PyErr_Format(PyExc_ValueError, "bias has %zd values, expected %zd", (Py_ssize_t)PyArray_DIM(*b, 0),
+                         (Py_ssize_t)N);
+            return -1;
+        }
+    }
+    if (o_obj == Py_None) {
+        npy_intp dims[2] = {M, N};
+        *o = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+        return *o ? 0 : -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)o_obj;
+    if (!PyArray_Check(o_obj) || PyArray_TYPE(a) != NPY_FLOAT32 || PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) != M ||
+        PyArray_DIM(a, 1) != N || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "out must be a writeable C-contiguous float32 array of shape (%zd, %zd)",
+                     (Py_ssize_t)M, (Py_ssize_t)N);
+        return -1;
+    }
+    Py_INCREF(a);
+    *o = a;
+    *beta = 1.0f;
+    return 0;
+}
+
 /* The backbone's linear layer on its own: out (new, or given and accumulated) = act(x W^T + bias)
  * with W stored in panels (visualad.backbone.write_tensor's layout). */
 static PyObject *py_panel_linear(PyObject *self, PyObject *args, PyObject *kwds) {
@@ -144,29 +175,8 @@ static PyObject *py_panel_linear(PyObject *self, PyObject *args, PyObject *kwds)
                      vad_panel_floats(N, K));
         goto done;
     }
-    if (b_obj != Py_None) {
-        if (!(b = as_float_array(b_obj, "bias", 1))) goto done;
-        if (PyArray_DIM(b, 0) != N) {
-            PyErr_Format(PyExc_ValueError, "bias has %zd values, expected %d", PyArray_DIM(b, 0), N);
-            goto done;
-        }
-    }
-    float beta = 0.0f;
-    if (o_obj != Py_None) {
-        if (!PyArray_Check(o_obj) || PyArray_TYPE((PyArrayObject *)o_obj) != NPY_FLOAT32 ||
-            PyArray_NDIM((PyArrayObject *)o_obj) != 2 || PyArray_DIM((PyArrayObject *)o_obj, 0) != M ||
-            PyArray_DIM((PyArrayObject *)o_obj, 1) != N || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o_obj) ||
-            !PyArray_ISWRITEABLE((PyArrayObject *)o_obj)) {
-            PyErr_Format(PyExc_ValueError, "out must be a writeable C-contiguous float32 array of shape (%d, %d)", M, N);
-            goto done;
-        }
-        o = (PyArrayObject *)o_obj;
-        Py_INCREF(o);
-        beta = 1.0f;
-    } else {
-        npy_intp dims[2] = {M, N};
-        if (!(o = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto done;
-    }
+    float beta;
+    if (linear_bias_out(b_obj, o_obj, M, N, &b, &o, &beta)) goto done;
     vad_pool *pool = vad_pool_create(nthreads);
     if (!pool) {
         PyErr_NoMemory();
@@ -277,30 +287,8 @@ static PyObject *py_bf16_linear(PyObject *self, PyObject *args, PyObject *kwds) 
                      (Py_ssize_t)M, (Py_ssize_t)K, (Py_ssize_t)N, (Py_ssize_t)PyArray_DIM(w, 1));
         goto done;
     }
-    if (b_obj != Py_None) {
-        if (!(b = as_float_array(b_obj, "bias", 1))) goto done;
-        if (PyArray_DIM(b, 0) != N) {
-            PyErr_Format(PyExc_ValueError, "bias has %zd values, expected %zd", (Py_ssize_t)PyArray_DIM(b, 0), (Py_ssize_t)N);
-            goto done;
-        }
-    }
-    float beta = 0.0f;
-    if (o_obj != Py_None) {
-        if (!PyArray_Check(o_obj) || PyArray_TYPE((PyArrayObject *)o_obj) != NPY_FLOAT32 ||
-            PyArray_NDIM((PyArrayObject *)o_obj) != 2 || PyArray_DIM((PyArrayObject *)o_obj, 0) != M ||
-            PyArray_DIM((PyArrayObject *)o_obj, 1) != N || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o_obj) ||
-            !PyArray_ISWRITEABLE((PyArrayObject *)o_obj)) {
-            PyErr_Format(PyExc_ValueError, "out must be a writeable C-contiguous float32 array of shape (%zd, %zd)",
-                         (Py_ssize_t)M, (Py_ssize_t)N);
-            goto done;
-        }
-        o = (PyArrayObject *)o_obj;
-        Py_INCREF(o);
-        beta = 1.0f;
-    } else {
-        npy_intp dims[2] = {M, N};
-        if (!(o = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto done;
-    }
+    float beta;
+    if (linear_bias_out(b_obj, o_obj, M, N, &b, &o, &beta)) goto done;
     packed = (vad_bf16 *)malloc(vad_bf16_panel_elems((int)N, (int)K) * sizeof(vad_bf16));
     abuf = (vad_bf16 *)malloc(vad_bf16_input_elems((int)M, (int)K) * sizeof(vad_bf16));
     pool = vad_pool_create(nthreads);
