@@ -36,7 +36,7 @@ from PIL import Image
 
 __all__ = ["DATASET_KINDS", "FOLDER_KINDS", "Item", "Dataset", "EmptySplitError", "load_dataset", "read_meta",
            "read_folder", "read_visa", "read_dirs", "image_files", "to_meta", "write_meta", "load_mask",
-           "preprocess_mask"]
+           "preprocess_mask", "mask_image", "mask_at_size"]
 
 FOLDER_KINDS = ("mvtec", "btad", "mpdd")
 DATASET_KINDS = FOLDER_KINDS + ("visa", "meta")
@@ -361,6 +361,28 @@ def preprocess_mask(mask: Image.Image, size: int) -> np.ndarray:
     binary = np.asarray(mask.convert("L")) > 0
     resized = Image.fromarray(binary.astype(np.uint8) * 255, mode="L").resize((size, size), Image.BILINEAR)
     return (np.asarray(resized) >= 128).astype(np.uint8)
+
+
+def mask_image(mask, what: str = "mask") -> Image.Image:
+    """A ground-truth mask given as a path, a PIL image or a 2-D array, as a PIL image (an array is
+    binarised, > 0, into a black-and-white image). Errors name `what`."""
+    if isinstance(mask, (str, os.PathLike)):
+        with Image.open(mask) as im:
+            im.load()
+            return im.copy()
+    if isinstance(mask, Image.Image):
+        return mask
+    arr = np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be 2-D (H, W), got shape {arr.shape}")
+    if arr.dtype != bool and not np.isfinite(arr).all():
+        raise ValueError(f"{what} contains NaN or Inf")
+    return Image.fromarray((arr > 0).astype(np.uint8) * 255, mode="L")
+
+
+def mask_at_size(mask, size: int, what: str = "mask") -> np.ndarray:
+    """Any mask form :func:`mask_image` takes, at S×S by :func:`preprocess_mask`: uint8 0/1."""
+    return preprocess_mask(mask_image(mask, what), size)
 
 
 def _image_size(path: str, what: str) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from .datasets import preprocess_mask
+from .datasets import mask_at_size
 from .preprocess import open_image, resize_rgb
 
 __all__ = ["plot_overlay", "save_overlay", "map_range", "RunOverlays"]
@@ -39,22 +39,6 @@ def _image_rgb(image, size: int) -> np.ndarray:
     elif not isinstance(image, Image.Image):
         raise TypeError(f"image must be a path, a PIL image or a uint8 array, got {type(image).__name__}")
     return np.asarray(resize_rgb(image, size))
-
-
-def _mask_binary(mask, size: int) -> np.ndarray:
-    """bool (S, S); masks of another size follow the rule of docs/method.md §1 (binarise, bilinear, >= 128)."""
-    if isinstance(mask, (str, os.PathLike)):
-        with Image.open(mask) as im:
-            im.load()
-            mask = im.copy()
-    if isinstance(mask, Image.Image):
-        return preprocess_mask(mask, size).astype(bool)
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    if mask.shape == (size, size):
-        return mask > 0
-    return preprocess_mask(Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L"), size).astype(bool)
 
 
 def plot_overlay(image, map, mask=None, score=None, ax=None, *, title=None, alpha=0.5, cmap="jet",
@@ -86,7 +70,7 @@ def plot_overlay(image, map, mask=None, score=None, ax=None, *, title=None, alph
     ax.imshow(_image_rgb(image, size))
     heat = ax.imshow(amap, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
     if mask is not None:
-        ax.contour(_mask_binary(mask, size).astype(np.float32), levels=[0.5], colors="white", linewidths=1.0)
+        ax.contour(mask_at_size(mask, size).astype(np.float32), levels=[0.5], colors="white", linewidths=1.0)
     from matplotlib.cm import ScalarMappable
     opaque = ScalarMappable(norm=heat.norm, cmap=heat.cmap)  # the colour bar without the overlay's alpha
     ax.figure.colorbar(opaque, ax=ax, fraction=0.046, pad=0.04, label="anomaly map")

@@ -14,10 +14,9 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from . import _engine
-from .datasets import preprocess_mask
+from .datasets import mask_at_size
 from .head import _engine_names, head_engine_config, pack_head
 
 TOKEN_KEYS = ("anomaly_token", "normal_token")
@@ -39,20 +38,6 @@ def check_labels(y, masks, n: int) -> np.ndarray:
     return labels.astype(np.float32)
 
 
-def _mask_image(m, i: int) -> Image.Image:
-    if isinstance(m, (str, os.PathLike)):
-        with Image.open(m) as im:
-            return im.copy()
-    if isinstance(m, Image.Image):
-        return m
-    arr = np.asarray(m)
-    if arr.ndim != 2:
-        raise ValueError(f"mask {i} must be 2-D, got shape {arr.shape}")
-    if arr.dtype != bool and not np.isfinite(arr).all():
-        raise ValueError(f"mask {i} contains NaN or Inf")
-    return Image.fromarray((arr > 0).astype(np.uint8) * 255, mode="L")
-
-
 def batch_targets(labels: np.ndarray, masks, idx, size: int, missing_mask: str = "skip"):
     """masks float32 (len(idx), S, S) in {0,1} and has_mask uint8 for the images `idx`.
 
@@ -67,7 +52,7 @@ def batch_targets(labels: np.ndarray, masks, idx, size: int, missing_mask: str =
     if masks is not None:
         for j, i in enumerate(idx):
             if masks[int(i)] is not None:
-                out[j] = preprocess_mask(_mask_image(masks[int(i)], int(i)), size)
+                out[j] = mask_at_size(masks[int(i)], size, f"mask {int(i)}")
                 has[j] = 1
     return out, has
 
