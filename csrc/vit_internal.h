@@ -5,10 +5,14 @@
 
 #include "vit.h"
 
-struct vad_vit {
+struct vad_vit_model {
     vad_vit_config cfg;
     const float *params;
-    vad_vit_weights w;
+    vad_vit_weights w; /* pointers into params; w.blocks is owned by the model */
+};
+
+struct vad_vit {
+    const vad_vit_model *model; /* shared, read-only */
     vad_pool *pool;
     /* patch positions resized to the current grid */
     int pos_grid;
