@@ -153,6 +153,7 @@ class Detector:
         if fitted:
             self.__dict__.update(fitted)
             self._head_src, self._head_trained, self._keep_head = self.head, True, True
+            self._head_source_ = None
 
     def __deepcopy__(self, memo):
         """A deep copy: copied parameters and fitted head; the loaded weights stay shared."""
@@ -237,6 +238,7 @@ class Detector:
         self.head_ = head if head is not None else self._fresh_head(loaded.backbone)
         self._head_src = self.head
         self._head_trained = False
+        self._head_source_ = self._head_source()
         self._head_version = getattr(self, "_head_version", 0) + 1
 
     def _fresh_head(self, bb: EngineBackbone) -> dict:
@@ -335,7 +337,8 @@ class Detector:
         """Zero-shot without labels; with labels, trains the head as SPEC §3 says. Returns self.
 
         ``y=None`` (or ``epochs=0``): nothing to learn -- ``head_`` is the given head (``head``, else
-        the head stored in a visualad backbone file, else a fresh seeded head) and X is not read.
+        the head stored in a visualad backbone file, else a fresh seeded head); X's form is checked,
+        its images are not decoded.
         This makes a Detector with a fixed head usable inside scikit-learn model selection: e.g.
         ``GridSearchCV(Detector(bb, head=h, epochs=0), {"sigma": [...]},
         scoring=visualad.scoring.image_auroc).fit(X, y)`` tunes the inference settings (``sigma``,
@@ -359,6 +362,7 @@ class Detector:
                 raise ValueError("masks were given without labels y")
             self._model()
             self._reset_head()
+            self._source(X, self._settings()[0])  # checks X's form (type, shape, NaN); images are not decoded
             self.training_history_, self.n_skipped_steps_ = [], 0
             return self
         size, layers, src, labels, buf = self._train_setup(X, y, masks, fresh_start=True)
@@ -397,7 +401,7 @@ class Detector:
             self.head_["features_list"] = list(layers)
             self.head_["image_size"] = size
             self.head_["epoch"] = epochs
-            self._head_trained = True
+            self._head_trained, self._head_source_ = True, None
             self._head_version = getattr(self, "_head_version", 0) + 1
             self.training_history_ = history
             self.n_skipped_steps_ = skipped
@@ -443,19 +447,43 @@ class Detector:
         return cls(os.fspath(path), **settings)
 
     # ------------------------------------------------------------------ maps and scores
-    def _head_engine(self, layers):
-        """The C head for the current head_ and layers (rebuilt when either changes)."""
-        key = (id(self.head_), getattr(self, "_head_version", 0), tuple(layers), self._threads())
+    def _head_source(self):
+        """Where ``head_`` came from, as a cache key: heads from the same source are packed once
+        per loaded backbone and shared (clones). None for a head of this Detector alone (trained
+        by fit, or a fresh head without a seed)."""
+        if self.head is None:
+            if self._loaded_.stored_head is not None:
+                return ("stored",)
+            if self.random_state is None:
+                return None
+            layers = None if self.layers is None else tuple(int(l) for l in self.layers)
+            return ("fresh", layers, self.image_size, int(self.random_state))
+        if isinstance(self.head, (str, os.PathLike)):
+            return ("file", model_cache.file_identity(self.head))
+        from .savefile import flatten_head
+        info = sorted((k, repr(v)) for k, v in self.head_.items() if not isinstance(v, (dict, np.ndarray)))
+        return ("arrays", model_cache.arrays_digest(flatten_head(self.head_)), tuple(info))
+
+    def _pack_head(self, layers) -> model_cache.LoadedHead:
+        width = self._loaded_.backbone.width
+        cfg = head_engine_config(self.head_, layers, width)
+        layout, total = _engine.head_layout(cfg)
+        return model_cache.LoadedHead(cfg, pack_head(self.head_, layers, width, layout, total))
+
+    def _head_state(self, layers):
+        """A C head state for the current head_ and layers for one call (context manager): shared
+        packed weights when head_ is untouched from its source, this Detector's own otherwise."""
         with self._lock():
-            if getattr(self, "_head_key", None) == key:
-                return self._head_engine_
-            width = self._loaded_.backbone.width
-            cfg = head_engine_config(self.head_, layers, width)
-            layout, total = _engine.head_layout(cfg)
-            params = pack_head(self.head_, layers, width, layout, total)
-            self._head_engine_ = _engine.Head(cfg, params, self._threads())
-            self._head_key = key
-            return self._head_engine_
+            source = self.__dict__.get("_head_source_")
+            if source is not None:
+                loaded = self._loaded_.head(source + (tuple(layers),), lambda: self._pack_head(layers))
+            else:
+                key = (getattr(self, "_head_version", 0), tuple(layers))
+                own = self.__dict__.get("_own_head_")
+                if own is None or own[0] != key:
+                    own = self._own_head_ = (key, self._pack_head(layers))
+                loaded = own[1]
+        return loaded.states.state(self._threads())
 
     def _topk(self, size: int) -> int:
         r = float(self.topk_ratio)
@@ -473,7 +501,6 @@ class Detector:
         """Runs backbone + head batch by batch; returns (maps or None, scores)."""
         self._model()
         size, layers = self._settings()
-        head_engine = self._head_engine(layers)
         topk, sigma = self._topk(size), self._sigma()
         src = self._source(X, size)
         head = self.head_
@@ -481,7 +508,8 @@ class Detector:
         n = len(src)
         maps = np.empty((n, size, size), np.float32) if keep_maps else None
         scores = np.empty(n, np.float32)
-        with self._engine() as engine, Progress(n, desc, bool(self.progress) and n > 1) as bar:
+        with self._engine() as engine, self._head_state(layers) as head_engine, \
+                Progress(n, desc, bool(self.progress) and n > 1) as bar:
             for start, batch in src.batches(self._batch_size()):
                 feats, ta, tn = engine.encode(batch, layers, tokens, head["ln_post_weight"], head["ln_post_bias"])
                 final, sc, _, _ = head_engine.maps(feats, ta, tn, size, sigma, topk)

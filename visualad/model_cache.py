@@ -51,40 +51,71 @@ _recent: "OrderedDict[tuple, LoadedBackbone]" = OrderedDict()
 _file_digests: dict = {}  # file identity -> content digest
 
 
+class EngineStates:
+    """Idle engine states by thread count: :meth:`state` checks one out for a call (an idle one, or
+    a new one from ``make(num_threads)``) and returns it afterwards. Sequential users reuse one
+    state; concurrent users get one each."""
+
+    def __init__(self, make):
+        self._make = make
+        self._idle: dict[int, list] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def state(self, num_threads: int):
+        with self._lock:
+            idle = self._idle.setdefault(num_threads, [])
+            engine = idle.pop() if idle else None
+        if engine is None:
+            engine = self._make(num_threads)
+        try:
+            yield engine
+        finally:
+            with self._lock:
+                self._idle[num_threads].append(engine)
+
+
+class LoadedHead:
+    """A head packed for the engine (``params``, read-only in use) with its idle ``_engine.Head``
+    states; shared by the Detectors whose untrained head comes from the same source."""
+
+    def __init__(self, config: dict, params: np.ndarray):
+        self.config, self.params = config, params
+        self.states = EngineStates(lambda n: _engine.Head(config, params, n))
+
+
 class LoadedBackbone:
     """One loaded backbone: ``backbone`` (EngineBackbone, read-only weights), ``model`` (the
     engine's read-only model over them), ``stored_head`` / ``settings`` (from a visualad file,
-    else None / {}), ``key`` (its cache key) and a pool of idle engine states."""
+    else None / {}), ``key`` (its cache key), idle engine ``states`` and the packed heads in use
+    with it (:meth:`head`)."""
 
     def __init__(self, key: tuple, backbone: EngineBackbone, stored_head=None, settings=None, shared_from=None):
         self.key = key
         self.stored_head = stored_head
         self.settings = dict(settings or {})
+        self._heads: dict = {}
+        self._heads_lock = threading.Lock()
         if shared_from is not None:  # a visualad file that refers to another checkpoint: share its weights
-            self.backbone, self.model, self._idle, self._idle_lock = (
-                shared_from.backbone, shared_from.model, shared_from._idle, shared_from._idle_lock)
+            self.backbone, self.model, self.states = shared_from.backbone, shared_from.model, shared_from.states
             self._base = shared_from
             return
         backbone.params.flags.writeable = False
         self.backbone = backbone
         self.model = _engine.BackboneModel(backbone.config, backbone.params)
-        self._idle: dict[int, list] = {}
-        self._idle_lock = threading.Lock()
+        self.states = EngineStates(self.model.state)
 
-    @contextlib.contextmanager
     def state(self, num_threads: int):
-        """An engine state (``_engine.Backbone``) over this model for one call: an idle one with
-        ``num_threads`` threads if there is one, else a new one; returned afterwards."""
-        with self._idle_lock:
-            idle = self._idle.setdefault(num_threads, [])
-            engine = idle.pop() if idle else None
-        if engine is None:
-            engine = self.model.state(num_threads)
-        try:
-            yield engine
-        finally:
-            with self._idle_lock:
-                self._idle[num_threads].append(engine)
+        """An engine state (``_engine.Backbone``) over this model for one call (context manager)."""
+        return self.states.state(num_threads)
+
+    def head(self, key: tuple, make) -> LoadedHead:
+        """The packed head known by ``key`` (its source and layers), made once by ``make()``."""
+        with self._heads_lock:
+            loaded = self._heads.get(key)
+            if loaded is None:
+                loaded = self._heads[key] = make()
+            return loaded
 
 
 # ----------------------------------------------------------------------------- identities
