@@ -1,8 +1,8 @@
 """The ``visualad`` command line.
 
     visualad demo [--out DIR]
-    visualad eval --data ROOT --dataset {mvtec,visa,btad,mpdd,meta} --backbone B [--head H] [--out DIR]
-    visualad predict IMAGES... --backbone B [--head H] --out DIR
+    visualad eval --data ROOT --dataset {mvtec,visa,btad,mpdd,meta} --backbone B [--head H] [--out DIR] [--dask A]
+    visualad predict IMAGES... --backbone B [--head H] --out DIR [--dask A]
     visualad make-meta ROOT --dataset {mvtec,visa,btad,mpdd} [--out meta.json]
     visualad train --data ROOT --dataset {mvtec,visa,btad,mpdd,meta} --backbone B --out HEAD
     visualad convert SRC DST [--head HEAD]
@@ -15,6 +15,7 @@ running it from the parsed namespace and returning the exit status — registere
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import sys
@@ -46,6 +47,21 @@ def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
+def _add_dask_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dask", metavar="ADDRESS",
+                        help="run the batches on a Dask cluster: a scheduler address (tcp://host:8786) or "
+                             "local:N (N worker processes started and stopped here); the numbers equal a "
+                             "local run's. Needs visualad[dask]; files must be visible to every worker")
+
+
+def _dask_client(args: argparse.Namespace):
+    """A Dask client for --dask (context manager), or None without it."""
+    if not getattr(args, "dask", None):
+        return contextlib.nullcontext(None)
+    from .dask import connect
+    return connect(args.dask)
+
+
 # ----------------------------------------------------------------------------- eval
 
 
@@ -58,6 +74,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="write results.csv and results.json into DIR")
     add_detector_arguments(parser)
     _add_progress_argument(parser)
+    _add_dask_argument(parser)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -66,7 +83,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, args.dataset, "test", meta_path=args.meta)
     if args.classes:
         dataset = dataset.select([c.strip() for c in args.classes.split(",") if c.strip()])
-    report = evaluate(detector_from_args(args), dataset, progress=args.progress)
+    with _dask_client(args) as client:
+        report = evaluate(detector_from_args(args), dataset, progress=args.progress, client=client)
     print(report.format_table())
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -87,6 +105,7 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
                         help="score above which an image is predicted anomalous (default 0)")
     add_detector_arguments(parser)
     _add_progress_argument(parser)
+    _add_dask_argument(parser)
 
 
 def _overlay_names(paths) -> list[str]:
@@ -100,26 +119,28 @@ def _overlay_names(paths) -> list[str]:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from .plotting import save_overlay
+    from .batches import save_maps, split
     from .progress import Progress
     det = detector_from_args(args, threshold=args.threshold)
     overlay_dir = os.path.join(args.out, "overlays")
     os.makedirs(overlay_dir, exist_ok=True)
     names = _overlay_names(args.images)
-    batch = max(1, int(args.batch_size))
+    plan = [(args.images[a:b], [os.path.join(overlay_dir, name) for name in names[a:b]], True,
+             [os.path.basename(path) for path in args.images[a:b]]) for a, b in split(len(args.images), det.batch_size)]
     csv_path = os.path.join(args.out, "scores.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as f, \
+    with _dask_client(args) as client, open(csv_path, "w", newline="", encoding="utf-8") as f, \
             Progress(len(args.images), "predict", args.progress) as bar:
+        if client is None:
+            results = (save_maps(det, *batch) for batch in plan)
+        else:
+            from .dask import map_batches
+            results = map_batches(det, save_maps, plan, client)
         writer = csv.writer(f)
         writer.writerow(["path", "score", "prediction", "overlay"])
-        for start in range(0, len(args.images), batch):
-            paths = args.images[start:start + batch]
-            maps, scores = det.maps_and_scores(paths)
-            for path, name, amap, score in zip(paths, names[start:start + batch], maps, scores):
-                overlay = os.path.join(overlay_dir, name)
-                save_overlay(overlay, path, amap, score=score, title=os.path.basename(path))
+        for (paths, overlays, _, _), scores in zip(plan, results):
+            for path, overlay, score in zip(paths, overlays, scores):
                 prediction = -1 if score > np.float32(det.threshold) else 1  # Detector.predict's rule
-                writer.writerow([path, repr(float(score)), prediction, os.path.join("overlays", name)])
+                writer.writerow([path, repr(float(score)), prediction, os.path.relpath(overlay, args.out)])
             bar.update(len(paths))
     print(f"wrote {csv_path} and {len(names)} overlay(s) in {overlay_dir}")
     return 0

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
+from .batches import maps_and_scores, split
 from .datasets import Dataset, load_mask
 from .progress import Progress
 
@@ -169,22 +170,22 @@ def _describe(value):
     return f"<{type(value).__name__}>"
 
 
-def _run_class(detector, items, progress, name, num_threads):
-    """Maps of one class streamed into the class's arrays, then its metrics."""
+def _run_class(results, items, batch, progress, name, num_threads):
+    """Maps of one class streamed into the class's arrays, then its metrics. ``results`` yields
+    (maps, scores) for each batch of ``batch`` items, in order."""
     need_pixels = all(item.mask is not None for item in items if item.label)
     labels = np.array([item.label for item in items], np.uint8)
     scores = np.empty(len(items), np.float32)
     maps = masks = None
-    batch = max(1, int(detector.batch_size))
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        out, scores[start:start + len(chunk)] = detector.maps_and_scores([item.image for item in chunk])
+    for start, stop in split(len(items), batch):
+        chunk = items[start:stop]
+        out, scores[start:stop] = next(results)
         size = out.shape[-1]
         if need_pixels:
             if maps is None:
                 maps = np.empty((len(items), size, size), np.float32)
                 masks = np.empty((len(items), size, size), np.uint8)
-            maps[start:start + len(chunk)] = out
+            maps[start:stop] = out
             for i, item in enumerate(chunk):
                 masks[start + i] = load_mask(item, size)
         progress.update(len(chunk), **{"class": name})
@@ -195,19 +196,31 @@ def _run_class(detector, items, progress, name, num_threads):
     return ClassResult(name, len(items), int(labels.sum()), values, notes), size
 
 
-def evaluate(detector, dataset: Dataset, *, progress: bool = False) -> EvalReport:
+def evaluate(detector, dataset: Dataset, *, progress: bool = False, client=None) -> EvalReport:
     """Runs ``detector`` over every class of ``dataset`` (use :meth:`Dataset.select` for a subset).
 
     The detector's ``batch_size`` sets how many images run at once, its ``num_threads`` also
     drives the metrics, and image scores are the top-k mean of the maps with its ``topk_ratio``
-    (from :meth:`Detector.maps_and_scores`). Memory: see the module docstring."""
-    results, size = [], None
+    (from :meth:`Detector.maps_and_scores`). Memory: see the module docstring.
+
+    ``client``: a ``dask.distributed.Client``; the batches then run on its workers
+    (:mod:`visualad.dask`) and the table is identical to the local one (same batches; masks and
+    metrics stay in this process)."""
+    batch = max(1, int(detector.batch_size))
+    plan = [[item.image for item in dataset.items_of(name)[a:b]]
+            for name in dataset.classes for a, b in split(len(dataset.items_of(name)), batch)]
+    if client is None:
+        results = (maps_and_scores(detector, paths) for paths in plan)
+    else:
+        from .dask import map_batches
+        results = map_batches(detector, maps_and_scores, [(paths,) for paths in plan], client)
+    rows, size = [], None
     with Progress(len(dataset), "eval", progress) as bar:
         for name in dataset.classes:
-            result, size = _run_class(detector, dataset.items_of(name), bar, name, detector.num_threads)
-            results.append(result)
+            row, size = _run_class(results, dataset.items_of(name), batch, bar, name, detector.num_threads)
+            rows.append(row)
     settings = {"dataset": dataset.kind, "root": dataset.root, "split": dataset.split,
                 "backbone": _describe(detector.backbone), "head": _describe(detector.head),
                 "image_size": size, "layers": None if detector.layers is None else [int(l) for l in detector.layers],
                 "sigma": detector.sigma, "topk_ratio": detector.topk_ratio}
-    return EvalReport(results, settings)
+    return EvalReport(rows, settings)

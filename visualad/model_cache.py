@@ -49,6 +49,8 @@ _lock = threading.RLock()
 _entries: "weakref.WeakValueDictionary[tuple, LoadedBackbone]" = weakref.WeakValueDictionary()
 _recent: "OrderedDict[tuple, LoadedBackbone]" = OrderedDict()
 _file_digests: dict = {}  # file identity -> content digest
+#: how many backbones this process has loaded (each load reads and packs the weights once)
+load_count = 0
 
 
 class EngineStates:
@@ -182,7 +184,9 @@ def arrays_digest(spec) -> str:
 
 
 def _remember(entry: LoadedBackbone) -> LoadedBackbone:
+    global load_count
     with _lock:
+        load_count += 1
         _entries[entry.key] = entry
         _recent[entry.key] = entry
         _recent.move_to_end(entry.key, last=False)
