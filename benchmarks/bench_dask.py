@@ -56,7 +56,7 @@ def run_case(name, model, params, paths, threads, batch_size, repeats):
     import visualad.dask
     det = visualad.Detector(model, num_threads=threads, batch_size=batch_size, **params)
     want = det.anomaly_scores(paths)  # loads here, warm
-    clusters = {n: distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+    clusters = {n: distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
                 for n in (1, 2)}
     clients = {n: distributed.Client(c) for n, c in clusters.items()}
     try:

@@ -270,7 +270,7 @@ static void Backbone_dealloc(BackboneObject *self) {
 
 /* Makes self a state over model (new reference taken). 0 or -1 with an exception set. */
 static int backbone_attach(BackboneObject *self, BackboneModelObject *model, int nthreads) {
-    if (self->vit) {
+    if (self->model) {
         PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
         return -1;
     }
@@ -279,6 +279,8 @@ static int backbone_attach(BackboneObject *self, BackboneModelObject *model, int
         return -1;
     }
     if (nthreads < 1) nthreads = 1;
+    Py_INCREF(model);
+    self->model = model; /* before the state, which points into it */
     self->vit = vad_vit_create(model->model, nthreads);
     if (!self->vit) {
         raise_status(VAD_ERR_MEMORY);
@@ -290,8 +292,6 @@ static int backbone_attach(BackboneObject *self, BackboneModelObject *model, int
         PyErr_NoMemory();
         return -1;
     }
-    Py_INCREF(model);
-    self->model = model;
     return 0;
 }
 
@@ -309,7 +309,7 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
 }
 
 static int check_ready(BackboneObject *self) {
-    if (!self->vit) {
+    if (!self->vit || !self->encoder || !self->lock) {
         PyErr_SetString(PyExc_RuntimeError, "Backbone is not initialised");
         return -1;
     }

@@ -56,7 +56,7 @@ def connect(address: str):
         if n < 1:
             raise ValueError(f"--dask local:N needs a worker count N >= 1, got {address!r}")
         with distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                      dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
             yield client
     else:
         with distributed.Client(address) as client:
