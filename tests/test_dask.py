@@ -50,6 +50,16 @@ def test_eval_on_a_local_cluster_equals_the_local_run(tmp_path, demo_root, capsy
         assert _read(tmp_path / "local" / name) == _read(tmp_path / "dask" / name)
 
 
+def test_eval_on_a_running_scheduler(tmp_path, demo_root, client, capsys):
+    common = ["eval", "--data", demo_root, "--dataset", "mvtec", "--backbone", DEFAULT_MODEL,
+              "--batch-size", "5", "--threads", "1", "--no-progress", "--classes", "brick,gravel"]
+    assert main(common + ["--out", str(tmp_path / "local")]) == 0
+    assert main(common + ["--out", str(tmp_path / "dask"), "--dask", client.scheduler.address]) == 0
+    capsys.readouterr()
+    assert _read(tmp_path / "local" / "results.json") == _read(tmp_path / "dask" / "results.json")
+    assert client.status == "running"  # a scheduler given by address is left running
+
+
 def test_predict_on_a_local_cluster_equals_the_local_run(tmp_path, demo_root):
     images = _paths(demo_root)[:5]
     common = ["predict", *images, "--backbone", DEFAULT_MODEL, "--batch-size", "3", "--no-progress"]
