@@ -1,5 +1,6 @@
-"""Dask: `visualad eval` / `visualad predict --dask local:2` and the visualad.dask entry points on a
-LocalCluster of worker processes give exactly the local run's numbers and files."""
+"""Dask: `visualad eval --dask local:2` (a LocalCluster of 2 worker processes started by the command),
+`--dask ADDRESS` (eval and predict on a running LocalCluster) and the visualad.dask entry points give
+exactly the local run's numbers and files."""
 import csv
 import os
 
@@ -60,11 +61,11 @@ def test_eval_on_a_running_scheduler(tmp_path, demo_root, client, capsys):
     assert client.status == "running"  # a scheduler given by address is left running
 
 
-def test_predict_on_a_local_cluster_equals_the_local_run(tmp_path, demo_root):
+def test_predict_on_a_cluster_equals_the_local_run(tmp_path, demo_root, client):
     images = _paths(demo_root)[:5]
     common = ["predict", *images, "--backbone", DEFAULT_MODEL, "--batch-size", "3", "--no-progress"]
     assert main(common + ["--out", str(tmp_path / "local")]) == 0
-    assert main(common + ["--out", str(tmp_path / "dask"), "--dask", "local:2"]) == 0
+    assert main(common + ["--out", str(tmp_path / "dask"), "--dask", client.scheduler.address]) == 0
     assert _read(tmp_path / "local" / "scores.csv") == _read(tmp_path / "dask" / "scores.csv")
     with open(tmp_path / "dask" / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -108,9 +108,9 @@ class Detector:
 
     def __sklearn_clone__(self):
         """``sklearn.base.clone``: a new unfitted Detector with deep copies of the parameters, except
-        ``backbone``, which is passed as the same object (the weights are read-only and loaded once
-        per process; a dict of arrays is not copied and not hashed again)."""
-        params = {k: v if k == "backbone" else copy.deepcopy(v) for k, v in self.get_params().items()}
+        ``backbone`` and ``head``, which are passed as the same objects (weights are read-only and
+        loaded once per process; a dict of arrays is not copied and not hashed again)."""
+        params = {k: v if k in ("backbone", "head") else copy.deepcopy(v) for k, v in self.get_params().items()}
         clone = type(self)(**params)
         loaded = self.__dict__.get("_loaded_")
         if loaded is not None and not isinstance(self.backbone, (str, os.PathLike)):
@@ -232,13 +232,18 @@ class Detector:
 
     def _reset_head(self):
         """head_ from the ``head`` parameter, else the head stored in a visualad backbone file, else a
-        fresh seeded head."""
+        fresh seeded head; shared (read-only) with every Detector whose head has the same source."""
         loaded = self._loaded_
-        head = _load_head(self.head if self.head is not None else loaded.stored_head, loaded.backbone.width)
-        self.head_ = head if head is not None else self._fresh_head(loaded.backbone)
+
+        def build():
+            head = _load_head(self.head if self.head is not None else loaded.stored_head, loaded.backbone.width)
+            return head if head is not None else self._fresh_head(loaded.backbone)
+
+        source = self._head_source()
+        self.head_ = build() if source is None else loaded.head_dict(source, build)
         self._head_src = self.head
         self._head_trained = False
-        self._head_source_ = self._head_source()
+        self._head_source_ = source
         self._head_version = getattr(self, "_head_version", 0) + 1
 
     def _fresh_head(self, bb: EngineBackbone) -> dict:
@@ -460,9 +465,15 @@ class Detector:
             return ("fresh", layers, self.image_size, int(self.random_state))
         if isinstance(self.head, (str, os.PathLike)):
             return ("file", model_cache.file_identity(self.head))
+        if not isinstance(self.head, dict):
+            return None  # _load_head raises the type error
         from .savefile import flatten_head
-        info = sorted((k, repr(v)) for k, v in self.head_.items() if not isinstance(v, (dict, np.ndarray)))
-        return ("arrays", model_cache.arrays_digest(flatten_head(self.head_)), tuple(info))
+        try:
+            digest = model_cache.arrays_digest(flatten_head(self.head))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None  # not a valid head: _load_head says what is wrong
+        info = sorted((k, repr(v)) for k, v in self.head.items() if not isinstance(v, (dict, np.ndarray)))
+        return ("arrays", digest, tuple(info))
 
     def _pack_head(self, layers) -> model_cache.LoadedHead:
         width = self._loaded_.backbone.width

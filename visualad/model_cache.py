@@ -97,6 +97,7 @@ class LoadedBackbone:
         self.stored_head = stored_head
         self.settings = dict(settings or {})
         self._heads: dict = {}
+        self._head_dicts: dict = {}
         self._heads_lock = threading.Lock()
         if shared_from is not None:  # a visualad file that refers to another checkpoint: share its weights
             self.backbone, self.model, self.states = shared_from.backbone, shared_from.model, shared_from.states
@@ -118,6 +119,15 @@ class LoadedBackbone:
             if loaded is None:
                 loaded = self._heads[key] = make()
             return loaded
+
+    def head_dict(self, source: tuple, make) -> dict:
+        """The validated head dict (official layout, read-only) known by ``source``, made once by
+        ``make()``: Detectors whose head comes from the same source share its arrays."""
+        with self._heads_lock:
+            head = self._head_dicts.get(source)
+            if head is None:
+                head = self._head_dicts[source] = make()
+            return head
 
 
 # ----------------------------------------------------------------------------- identities
