@@ -98,6 +98,15 @@ def test_each_worker_loads_the_model_once(demo_root, client):
     assert set(client.run(loads).values()) == {1}
 
 
+def test_dask_and_sklearn_are_imported_only_when_asked_for():
+    import subprocess
+    import sys
+    code = ("import sys, visualad, visualad.cli, visualad.evaluation; visualad.cli.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'dask', 'distributed', 'sklearn'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_bad_addresses(demo_root):
     with pytest.raises(ValueError, match="worker count"):
         with visualad.dask.connect("local:zero"):

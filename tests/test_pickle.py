@@ -14,7 +14,6 @@ from sklearn.base import clone
 import reference as R
 from fixtures import random_images, to_numpy
 import visualad
-from visualad import model_cache
 from visualad.demo import default_detector, random_clip_backbone
 from visualad.errors import CheckpointError
 from visualad.synthetic import DEMO_TEXTURES, make_samples
@@ -131,8 +130,8 @@ def _rss_mb() -> float:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
 def test_used_clones_of_a_vit_b_share_its_weights():
-    """Three used clones of a ViT-B/16 backbone (330 MB of packed weights) add less than the issue's
-    100 MB bound (measured about 0-5 MB; benchmarks/bench_clone_memory.py reports the figure, also
+    """Three used clones of a ViT-B/16 backbone (330 MB of packed weights) add less than
+    100 MB (measured about 0-5 MB; benchmarks/bench_clone_memory.py reports the figure, also
     for a backbone given as a path)."""
     det = visualad.Detector(random_clip_backbone(768, 12, 16, 14, seed=0), image_size=224, num_threads=2)
     x = np.zeros((1, 224, 224, 3), np.uint8)

@@ -57,7 +57,13 @@ class Detector:
     progress : bool
         Show progress bars on long runs.
     epochs, learning_rate, head_learning_rate, dropout :
-        Training hyper-parameters used by :meth:`fit` (SPEC §3 defaults).
+        Training hyper-parameters used by :meth:`fit` (the paper's defaults); ``epochs=0`` makes
+        ``fit(X, y)`` keep the given head (model selection over inference settings).
+
+    Weights load lazily, once per process, into a cache shared by every Detector naming the same
+    weights (:mod:`visualad.model_cache`); each call runs on its own engine state, so threads and
+    clones run at once with the sequential results. A Detector pickles as its parameters plus a
+    reference to its weights (:meth:`__getstate__`).
     """
 
     def __init__(self, backbone, head=None, *, image_size=None, layers=None, sigma=4.0, topk_ratio=0.01,
@@ -339,7 +345,7 @@ class Detector:
         return losses, buf.flat_gradients(self.head_, layers)
 
     def fit(self, X, y=None, masks=None):
-        """Zero-shot without labels; with labels, trains the head as SPEC §3 says. Returns self.
+        """Zero-shot without labels; with labels, trains the head (the paper's recipe). Returns self.
 
         ``y=None`` (or ``epochs=0``): nothing to learn -- ``head_`` is the given head (``head``, else
         the head stored in a visualad backbone file, else a fresh seeded head); X's form is checked,
