@@ -4,6 +4,7 @@
 >>> det = visualad.Detector("ViT-L-14-336px.pt", head="CLIP.pth")
 >>> maps = det.anomaly_maps(["img.png"])      # (N, S, S) float32
 >>> scores = det.anomaly_scores(["img.png"])  # (N,) float32
+>>> demo = visualad.Detector.default()         # the embedded default model (offline, for trying things)
 """
 from ._blas import preload_openblas
 
@@ -15,5 +16,7 @@ from .detector import Detector  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .plotting import plot_overlay  # noqa: E402  (matplotlib itself is imported on first use)
 
+from ._version import package_version  # noqa: E402
+
 __all__ = ["Detector", "CheckpointError", "plot_overlay"]
-__version__ = "0.1.0"
+__version__ = package_version()

@@ -29,7 +29,7 @@ import numpy as np
 from . import batches
 from .progress import Progress
 
-__all__ = ["connect", "map_batches", "anomaly_scores", "maps_and_scores", "save_maps"]
+__all__ = ["connect", "map_batches", "run", "anomaly_scores", "maps_and_scores", "save_maps"]
 
 
 def _distributed():
@@ -98,6 +98,12 @@ def map_batches(detector, function, arguments, client, *, progress=False, desc="
             submit()
             bar.update(1)
             yield result
+
+
+def run(detector, function, client):
+    """``function(detector)`` on one worker (with the workers' copy of the Detector), e.g. to ask
+    what it resolves to there without loading the model in this process."""
+    return client.submit(function, _worker_copy(detector), pure=False).result()
 
 
 def _path_batches(detector, paths):
