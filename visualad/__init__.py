@@ -13,10 +13,11 @@ preload_openblas()
 from . import _engine  # noqa: E402
 from . import metrics  # noqa: E402
 from .detector import Detector  # noqa: E402
+from .engine_info import engine_info  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .plotting import plot_overlay  # noqa: E402  (matplotlib itself is imported on first use)
 
 from ._version import package_version  # noqa: E402
 
-__all__ = ["Detector", "CheckpointError", "plot_overlay"]
+__all__ = ["Detector", "CheckpointError", "engine_info", "plot_overlay"]
 __version__ = package_version()

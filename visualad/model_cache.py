@@ -54,27 +54,27 @@ load_count = 0
 
 
 class EngineStates:
-    """Idle engine states by thread count: :meth:`state` checks one out for a call (an idle one, or
-    a new one from ``make(num_threads)``) and returns it afterwards. Sequential users reuse one
-    state; concurrent users get one each."""
+    """Idle engine states by kind (e.g. thread count and precision): :meth:`state` checks one out
+    for a call (an idle one, or a new one from ``make(*kind)``) and returns it afterwards.
+    Sequential users reuse one state; concurrent users get one each."""
 
     def __init__(self, make):
         self._make = make
-        self._idle: dict[int, list] = {}
+        self._idle: dict[tuple, list] = {}
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def state(self, num_threads: int):
+    def state(self, *kind):
         with self._lock:
-            idle = self._idle.setdefault(num_threads, [])
+            idle = self._idle.setdefault(kind, [])
             engine = idle.pop() if idle else None
         if engine is None:
-            engine = self._make(num_threads)
+            engine = self._make(*kind)
         try:
             yield engine
         finally:
             with self._lock:
-                self._idle[num_threads].append(engine)
+                self._idle[kind].append(engine)
 
 
 class LoadedHead:
@@ -108,9 +108,9 @@ class LoadedBackbone:
         self.model = _engine.BackboneModel(backbone.config, backbone.params)
         self.states = EngineStates(self.model.state)
 
-    def state(self, num_threads: int):
+    def state(self, num_threads: int, precision: str = "fp32"):
         """An engine state (``_engine.Backbone``) over this model for one call (context manager)."""
-        return self.states.state(num_threads)
+        return self.states.state(num_threads, precision)
 
     def head(self, key: tuple, make) -> LoadedHead:
         """The packed head known by ``key`` (its source and layers), made once by ``make()``."""
