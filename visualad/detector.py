@@ -246,6 +246,10 @@ class Detector:
     def _precision(self) -> str:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if _engine.precision_kernel(self.precision) == "none":  # checked per call: engine states are reused
+            from .engine_info import engine_info
+            raise ValueError(f"precision {self.precision!r} cannot run here: "
+                             f"{engine_info()['precisions'][self.precision]['reason']}")
         return self.precision
 
     def _lock(self) -> threading.RLock:
