@@ -50,9 +50,16 @@ static struct PyModuleDef engine_module = {
 
 PyMODINIT_FUNC PyInit__engine(void) {
     import_array();
-    if (PyType_Ready(&BackboneType) < 0 || PyType_Ready(&HeadType) < 0) return NULL;
+    if (PyType_Ready(&BackboneModelType) < 0 || PyType_Ready(&BackboneType) < 0 || PyType_Ready(&HeadType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&engine_module);
     if (!m) return NULL;
+    Py_INCREF(&BackboneModelType);
+    if (PyModule_AddObject(m, "BackboneModel", (PyObject *)&BackboneModelType) < 0) {
+        Py_DECREF(&BackboneModelType);
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&BackboneType);
     if (PyModule_AddObject(m, "Backbone", (PyObject *)&BackboneType) < 0) {
         Py_DECREF(&BackboneType);

@@ -1,5 +1,6 @@
-/* The Backbone type: a frozen ViT tower (csrc/vit.h) and its encoder (csrc/encode.h); the switch
- * between the backbone's own GEMM kernel and BLAS (csrc/panel_gemm.h). */
+/* The BackboneModel type (a loaded tower's weights, shared and read-only) and the Backbone type (a
+ * per-call state: workspaces, encoder; csrc/vit.h, csrc/encode.h); the backbone's kernel switches and
+ * the CPU probe (csrc/panel_gemm.h, csrc/attention_fused.h, csrc/cpu_features.h). */
 #include "py_glue.h"
 
 #include "attention_fused.h"
@@ -8,6 +9,8 @@
 #include "errors.h"
 #include "panel_gemm.h"
 #include "vit.h"
+
+static PyObject *BackboneModel_state(BackboneModelObject *self, PyObject *args, PyObject *kwds);
 
 static int parse_vit_config(PyObject *d, vad_vit_config *c) {
     if (!PyDict_Check(d)) {
@@ -54,29 +57,18 @@ PyObject *py_vit_layout(PyObject *self, PyObject *arg) {
     return layout_to_python(vit_layout, &cfg);
 }
 
-static void Backbone_dealloc(BackboneObject *self) {
-    vad_encoder_free(self->encoder);
-    vad_vit_free(self->vit);
+static void BackboneModel_dealloc(BackboneModelObject *self) {
+    vad_vit_model_free(self->model);
     Py_XDECREF(self->params);
-    Py_XDECREF(self->train_refs);
-    if (self->lock) PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"config", "params", "num_threads", "precision", NULL};
+static int BackboneModel_init(BackboneModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "params", NULL};
     PyObject *config, *params;
-    int nthreads = 1;
-    const char *prec_name = "fp32";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|is", kwlist, &config, &params, &nthreads, &prec_name)) return -1;
-    int precision = parse_precision(prec_name);
-    if (precision < 0) return -1;
-    if (vad_precision_check(precision)) {
-        raise_status(VAD_ERR_VALUE);
-        return -1;
-    }
-    if (self->vit) {
-        PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &config, &params)) return -1;
+    if (self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "BackboneModel is already initialised");
         return -1;
     }
     vad_vit_config cfg;
@@ -85,10 +77,67 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
     vad_vit_layout(&cfg, NULL, 0, &total);
     PyArrayObject *p = weight_buffer(params, total, "params", 0);
     if (!p) return -1;
-    if (nthreads < 1) nthreads = 1;
-    self->vit = vad_vit_create(&cfg, (const float *)PyArray_DATA(p), nthreads);
-    if (!self->vit) {
+    self->model = vad_vit_model_create(&cfg, (const float *)PyArray_DATA(p));
+    if (!self->model) {
         Py_DECREF(p);
+        raise_status(VAD_ERR_MEMORY);
+        return -1;
+    }
+    self->params = p;
+    return 0;
+}
+
+static PyMethodDef BackboneModel_methods[] = {
+    {"state", (PyCFunction)(void (*)(void))BackboneModel_state, METH_VARARGS | METH_KEYWORDS,
+     "state(num_threads=1, precision='fp32') -> a new Backbone over this model (its own threads and\n"
+     "workspaces; the weights are shared, not copied; bf16 packs this state's own bf16 copies)."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject BackboneModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "visualad._engine.BackboneModel",
+    .tp_basicsize = sizeof(BackboneModelObject),
+    .tp_dealloc = (destructor)BackboneModel_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "BackboneModel(config, params): a frozen ViT tower's configuration over a float32 weight buffer,\n"
+              "read-only and shared by the Backbone states made from it (state()), across threads.",
+    .tp_methods = BackboneModel_methods,
+    .tp_init = (initproc)BackboneModel_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static void Backbone_dealloc(BackboneObject *self) {
+    vad_encoder_free(self->encoder);
+    vad_vit_free(self->vit);
+    Py_XDECREF(self->model);
+    Py_XDECREF(self->train_refs);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Makes self a state over model (new reference taken) in a precision given by name. 0 or -1 with
+ * an exception set. */
+static int backbone_attach(BackboneObject *self, BackboneModelObject *model, int nthreads, const char *prec_name) {
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return -1;
+    if (vad_precision_check(precision)) {
+        raise_status(VAD_ERR_VALUE);
+        return -1;
+    }
+    if (self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
+        return -1;
+    }
+    if (!model->model) {
+        PyErr_SetString(PyExc_RuntimeError, "BackboneModel is not initialised");
+        return -1;
+    }
+    if (nthreads < 1) nthreads = 1;
+    Py_INCREF(model);
+    self->model = model; /* before the state, which points into it */
+    self->vit = vad_vit_create(model->model, nthreads);
+    if (!self->vit) {
         raise_status(VAD_ERR_MEMORY);
         return -1;
     }
@@ -97,23 +146,35 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
     rc = vad_vit_set_precision(self->vit, precision);
     Py_END_ALLOW_THREADS
     if (rc) {
-        Py_DECREF(p);
         raise_status(rc);
         return -1;
     }
     self->encoder = vad_encoder_create(self->vit);
     self->lock = PyThread_allocate_lock();
     if (!self->encoder || !self->lock) {
-        Py_DECREF(p);
         PyErr_NoMemory();
         return -1;
     }
-    self->params = p;
     return 0;
 }
 
+/* Backbone(config, params, num_threads=1, precision="fp32"): a state over a private model of these weights. */
+static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "params", "num_threads", "precision", NULL};
+    PyObject *config, *params;
+    int nthreads = 1;
+    const char *prec_name = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|is", kwlist, &config, &params, &nthreads, &prec_name)) return -1;
+    if (parse_precision(prec_name) < 0) return -1; /* before the weights are looked at */
+    PyObject *model = PyObject_CallFunctionObjArgs((PyObject *)&BackboneModelType, config, params, NULL);
+    if (!model) return -1;
+    int rc = backbone_attach(self, (BackboneModelObject *)model, nthreads, prec_name);
+    Py_DECREF(model);
+    return rc;
+}
+
 static int check_ready(BackboneObject *self) {
-    if (!self->vit) {
+    if (!self->vit || !self->encoder || !self->lock) {
         PyErr_SetString(PyExc_RuntimeError, "Backbone is not initialised");
         return -1;
     }
@@ -369,11 +430,26 @@ PyTypeObject BackboneType = {
     .tp_basicsize = sizeof(BackboneObject),
     .tp_dealloc = (destructor)Backbone_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Backbone(config, params, num_threads=1): a frozen ViT tower in C over a float32 weight buffer.",
+    .tp_doc = "Backbone(config, params, num_threads=1, precision='fp32'): a frozen ViT tower in C over a float32 weight buffer:\n"
+              "one caller's state (threads, workspaces) over a BackboneModel (BackboneModel.state() shares one).",
     .tp_methods = Backbone_methods,
     .tp_init = (initproc)Backbone_init,
     .tp_new = PyType_GenericNew,
 };
+
+static PyObject *BackboneModel_state(BackboneModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"num_threads", "precision", NULL};
+    int nthreads = 1;
+    const char *prec_name = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|is", kwlist, &nthreads, &prec_name)) return NULL;
+    BackboneObject *state = (BackboneObject *)PyType_GenericNew(&BackboneType, NULL, NULL);
+    if (!state) return NULL;
+    if (backbone_attach(state, self, nthreads, prec_name)) {
+        Py_DECREF(state);
+        return NULL;
+    }
+    return (PyObject *)state;
+}
 
 PyObject *py_set_simd_gemm(PyObject *self, PyObject *arg) {
     (void)self;

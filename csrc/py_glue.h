@@ -25,12 +25,24 @@
 
 
 
+/* The read-only model (configuration + weight pointers) over a float32 buffer it keeps alive;
+ * shared by every Backbone state made from it, across threads. */
+typedef struct {
+    PyObject_HEAD
+    vad_vit_model *model;
+    PyArrayObject *params; /* keeps the weight buffer alive */
+} BackboneModelObject;
+
+
+
+/* One caller's state over a BackboneModel: thread pool, workspaces, the last training forward.
+ * A lock makes concurrent calls on one state wait for each other. */
 typedef struct {
     PyObject_HEAD
     vad_vit *vit;
     vad_encoder *encoder;
-    PyArrayObject *params; /* keeps the weight buffer alive */
-    PyObject *train_refs;  /* ln_post arrays of the last training forward (used by the backward) */
+    BackboneModelObject *model; /* keeps the shared model alive */
+    PyObject *train_refs;       /* ln_post arrays of the last training forward (used by the backward) */
     int train_layers, train_B, train_N;
     PyThread_type_lock lock;
 } BackboneObject;
@@ -69,6 +81,7 @@ int inplace_vector(PyObject *obj, const char *what);
 
 /* ---- py_backbone.c */
 PyObject *py_vit_layout(PyObject *self, PyObject *arg);
+extern PyTypeObject BackboneModelType;
 extern PyTypeObject BackboneType;
 PyObject *py_set_simd_gemm(PyObject *self, PyObject *arg);
 PyObject *py_simd_gemm_active(PyObject *self, PyObject *unused);
