@@ -377,24 +377,30 @@ class Detector:
         self._model()
         size, layers = self._settings()
         src = self._source(X, size)
-        head = self.head_
-        tokens = np.stack([head["anomaly_token"], head["normal_token"]])
-        ln_post = self._ln_post()
-        n = len(src)
-        out_layers = {l: None for l in layers}
         ta_all, tn_all = [], []
         feats_parts = {l: [] for l in layers}
-        with self._engine() as engine, Progress(n, "encode", self.progress and n > 1) as bar:
-            for _, batch in src.batches(self._batch_size()):
-                feats, ta, tn = engine.encode(batch, layers, tokens, *ln_post)
+        with self._engine() as engine:
+            for _, feats, ta, tn in self._encoded_batches(engine, src, layers, "encode"):
                 for l, f in zip(layers, feats):
                     feats_parts[l].append(f)
                 ta_all.append(ta)
                 tn_all.append(tn)
+        join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731
+        return {"layers": {l: join(p) for l, p in feats_parts.items()}, "anomaly_token": join(ta_all),
+                "normal_token": join(tn_all)}
+
+    def _encoded_batches(self, engine, src, layers, desc: str):
+        """(start, feats, t_a, t_n) for each batch of ``src``: the tower with the head's tokens and
+        ln_post (the one loop behind encode and the maps), with a progress bar."""
+        head = self.head_
+        tokens = np.stack([head["anomaly_token"], head["normal_token"]])
+        ln_post = self._ln_post()
+        n = len(src)
+        with Progress(n, desc, bool(self.progress) and n > 1) as bar:
+            for start, batch in src.batches(self._batch_size()):
+                feats, ta, tn = engine.encode(batch, layers, tokens, *ln_post)
+                yield start, feats, ta, tn
                 bar.update(len(batch))
-        for l in out_layers:
-            out_layers[l] = np.concatenate(feats_parts[l]) if len(feats_parts[l]) > 1 else feats_parts[l][0]
-        return {"layers": out_layers, "anomaly_token": np.concatenate(ta_all), "normal_token": np.concatenate(tn_all)}
 
     def features(self, X, layers=None) -> dict:
         """Features of the plain backbone (no VisualAD tokens inserted), for any feature-based method.
@@ -672,9 +678,6 @@ class Detector:
         size, layers = self._settings()
         topk, sigma = self._topk(size), self._sigma()
         src = self._source(X, size)
-        head = self.head_
-        tokens = np.stack([head["anomaly_token"], head["normal_token"]])
-        ln_post = self._ln_post()
         if self._untrained_head:
             warnings.warn("no trained head: these maps and scores come from a fresh, randomly initialised "
                           "VisualAD head; give a trained one (head=..., --head, or a file written by train / "
@@ -682,15 +685,12 @@ class Detector:
         n = len(src)
         maps = np.empty((n, size, size), np.float32) if keep_maps else None
         scores = np.empty(n, np.float32)
-        with self._engine() as engine, self._head_state(layers) as head_engine, \
-                Progress(n, desc, bool(self.progress) and n > 1) as bar:
-            for start, batch in src.batches(self._batch_size()):
-                feats, ta, tn = engine.encode(batch, layers, tokens, *ln_post)
+        with self._engine() as engine, self._head_state(layers) as head_engine:
+            for start, feats, ta, tn in self._encoded_batches(engine, src, layers, desc):
                 final, sc, _, _ = head_engine.maps(feats, ta, tn, size, sigma, topk)
                 if keep_maps:
-                    maps[start:start + len(batch)] = final
-                scores[start:start + len(batch)] = sc
-                bar.update(len(batch))
+                    maps[start:start + len(sc)] = final
+                scores[start:start + len(sc)] = sc
         return maps, scores
 
     def maps_and_scores(self, X) -> tuple[np.ndarray, np.ndarray]:
