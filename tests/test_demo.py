@@ -17,6 +17,6 @@ def test_building_the_default_model_is_deterministic(tmp_path):
     for i in range(2):
         det = build_default_model(tmp_path / f"d{i}.safetensors", epochs=1, n_good=1, n_bad=3, num_threads=2,
                                   progress=False)
-        heads.append(visualad.savefile.flatten_head(det.head_))
+        heads.append(visualad.checkpoint.detector_file.flatten_head(det.head_))
     for k in heads[0]:
         np.testing.assert_array_equal(heads[0][k], heads[1][k])

@@ -195,7 +195,7 @@ def test_interrupted_training_resumes_to_the_same_head(tmp_path, model):
     with pytest.raises(Interrupt):
         tiny(model, **params).fit(x, y, masks, checkpoint=state, on_epoch=stop_after_two)
     resumed = tiny(model, **params).fit(x, y, masks, checkpoint=state, resume=True)
-    flat = visualad.savefile.flatten_head
+    flat = visualad.checkpoint.detector_file.flatten_head
     a, b = flat(straight.head_), flat(resumed.head_)
     assert a.keys() == b.keys()
     for k in a:

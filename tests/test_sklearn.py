@@ -24,7 +24,7 @@ def demo_data():
 
 
 def _flat(head):
-    from visualad.savefile import flatten_head
+    from visualad.checkpoint.detector_file import flatten_head
     return flatten_head(head)
 
 

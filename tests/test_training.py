@@ -85,7 +85,7 @@ def test_fit_matches_torch_adamw_loop():
         assert R.train_step("clip", state, ht, opt, x, torch.tensor(labels, dtype=torch.float32),
                             torch.from_numpy(mk), layers) is not None
         sched.step()
-    ours = visualad.savefile.flatten_head(det.head_)
+    ours = visualad.checkpoint.detector_file.flatten_head(det.head_)
     for name, t in R.flatten_head(ht).items():
         tol = 1e-4 if name.endswith(ZERO_GRAD) else 1e-5  # Adam normalises that gradient's rounding noise
         diff = np.abs(ours[name].reshape(-1) - t.detach().numpy().reshape(-1)).max()
@@ -136,7 +136,7 @@ def test_fit_is_reproducible_and_uses_dropout():
     heads = []
     for seed in (5, 5, 6):
         det = visualad.Detector(state, image_size=size, epochs=1, batch_size=3, dropout=0.1, random_state=seed)
-        heads.append(visualad.savefile.flatten_head(det.fit(x, y, list(m)).head_))
+        heads.append(visualad.checkpoint.detector_file.flatten_head(det.fit(x, y, list(m)).head_))
     for k in heads[0]:
         np.testing.assert_array_equal(heads[0][k], heads[1][k])
     assert any(not np.array_equal(heads[0][k], heads[2][k]) for k in heads[0])

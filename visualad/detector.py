@@ -575,7 +575,7 @@ class Detector:
         """Writes the head in the official VisualAD layout (CLIP.pth) as a torch zip that
         ``torch.load`` reads; written without PyTorch."""
         from .head import official_head
-        from .torchzip_writer import save_torch_zip
+        from .checkpoint.torchzip_writer import save_torch_zip
         self._model()
         size, layers = self._settings()
         name = os.path.basename(os.fspath(self.backbone)) if isinstance(self.backbone, (str, os.PathLike)) else "custom"
@@ -584,7 +584,7 @@ class Detector:
     def save(self, path, include_backbone: bool = True) -> None:
         """Writes one self-describing file: backbone weights (or, with include_backbone=False, the
         path they came from), the head, and the settings. Read it with :meth:`Detector.load`."""
-        from .savefile import save_file
+        from .checkpoint.detector_file import save_detector_file
         self._model()
         settings = {k: v for k, v in self.get_params().items() if k not in ("backbone", "head")}
         size, layers = self._settings()
@@ -592,7 +592,7 @@ class Detector:
         if getattr(self, "calibration_", None) is not None:
             settings["calibration"] = self.calibration_
         backbone_path = self.backbone if isinstance(self.backbone, (str, os.PathLike)) else None
-        save_file(path, self._loaded_.backbone, self.head_, settings, backbone_path, include_backbone)
+        save_detector_file(path, self._loaded_.backbone, self.head_, settings, backbone_path, include_backbone)
 
     @classmethod
     def load(cls, path, **overrides) -> "Detector":
@@ -600,7 +600,7 @@ class Detector:
 
         Its ``backbone`` is the file's path (the file brings its weights or weights reference and
         its head), so it pickles as a reference and shares the process-wide loaded backbone."""
-        from .savefile import is_visualad_file
+        from .checkpoint.detector_file import is_visualad_file
         if not os.path.isfile(path):
             raise FileNotFoundError(f"detector file not found: {path}")
         if not is_visualad_file(path):
@@ -631,7 +631,7 @@ class Detector:
             return ("file", model_cache.file_identity(self.head))
         if not isinstance(self.head, dict):
             return None  # _load_head raises the type error
-        from .savefile import flatten_head
+        from .checkpoint.detector_file import flatten_head
         try:
             digest = model_cache.arrays_digest(flatten_head(self.head))
         except (KeyError, TypeError, ValueError, AttributeError):

@@ -215,9 +215,9 @@ def _cached(key: tuple):
 
 def _load_path(path, key: tuple) -> LoadedBackbone:
     from .checkpoint import load_backbone
-    from .savefile import is_visualad_file, read_file
+    from .checkpoint.detector_file import is_visualad_file, read_detector_file
     if is_visualad_file(path):
-        backbone, backbone_path, head, settings = read_file(path)
+        backbone, backbone_path, head, settings = read_detector_file(path)
         if backbone is None:
             return LoadedBackbone(key, None, head, settings, shared_from=load(backbone_path))
         return LoadedBackbone(key, backbone, head, settings)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ._files import atomic_write
 from .checkpoint.safetensors import read_safetensors, save_safetensors
-from .savefile import flatten_head, unflatten_head
+from .checkpoint.detector_file import flatten_head, unflatten_head
 
 REAL_HEAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "real_head.safetensors")
 REAL_SIZE, REAL_LAYERS = 224, (3, 6, 9, 12)

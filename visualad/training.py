@@ -105,7 +105,7 @@ class HeadBuffers:
 
     def flat_gradients(self, head: dict, layers: list) -> dict:
         """The gradient keyed by flattened official names (docs/api.md loss_and_grad)."""
-        from .savefile import flatten_head
+        from .checkpoint.detector_file import flatten_head
         return {k: np.asarray(v, np.float32) for k, v in flatten_head(self.to_official(head, layers, self.grad)).items()}
 
     def segments(self, token_lr: float, head_lr: float) -> list:

@@ -73,7 +73,7 @@ def _read_sharded(folder: str, index_name: str) -> tuple[OrderedDict, str]:
     return tensors, "/".join(sorted(formats))
 
 
-def read_folder(folder: str) -> tuple[OrderedDict, str, dict | None]:
+def read_hf_folder(folder: str) -> tuple[OrderedDict, str, dict | None]:
     """``(tensors, container format, transformers config or None)`` of a checkpoint folder."""
     name = _weights_file(folder)
     if name.endswith(".index.json"):

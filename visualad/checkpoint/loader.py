@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CheckpointError
 from .files import read_file
-from .hf import apply_config, read_folder
+from .hf import apply_config, read_hf_folder
 from .lazy import LazyTensor, to_float32
 from .onnx import looks_like_onnx
 from .naming import canonicalize
@@ -48,7 +48,7 @@ def _open_source(source) -> tuple[Mapping, str, dict | None, dict, str, dict]:
         raise TypeError(f"backbone must be a path or a dict of arrays, got {type(source).__name__}")
     path = os.fspath(source)
     if os.path.isdir(path):
-        tensors, fmt, config = read_folder(path)
+        tensors, fmt, config = read_hf_folder(path)
         return tensors, "hf" if config is not None else fmt, config, {}, path, {}
     if looks_like_onnx(path):
         from .onnx import read_onnx  # needs the optional 'onnx' package
@@ -125,7 +125,7 @@ def read_checkpoint(path, float32: bool = False):
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        obj = read_folder(path)[0]
+        obj = read_hf_folder(path)[0]
     else:
         obj = read_file(path).obj
     try:

@@ -15,7 +15,7 @@ import zipfile
 
 import numpy as np
 
-from ._files import atomic_write
+from .._files import atomic_write
 
 _STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage",
             np.dtype(np.float16): "HalfStorage", np.dtype(np.int64): "LongStorage",

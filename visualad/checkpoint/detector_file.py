@@ -17,11 +17,11 @@ import os
 
 import numpy as np
 
-from . import _engine
-from ._files import atomic_write
-from .backbone import EngineBackbone, engine_backbone, new_params, read_tensor, write_tensor
-from .checkpoint.safetensors import read_safetensors, save_safetensors
-from .errors import CheckpointError
+from .. import _engine
+from .._files import atomic_write
+from ..backbone import EngineBackbone, engine_backbone, new_params, read_tensor, write_tensor
+from .safetensors import read_safetensors, save_safetensors
+from ..errors import CheckpointError
 
 FORMAT, VERSION = "visualad", 1
 HEAD_TENSORS = ("anomaly_token", "normal_token", "ln_post_weight", "ln_post_bias")
@@ -52,7 +52,7 @@ def unflatten_head(flat: dict, info: dict) -> dict:
 
 
 def is_visualad_file(path) -> bool:
-    """True when `path` is a safetensors file written by :func:`save_file`."""
+    """True when `path` is a safetensors file written by :func:`save_detector_file`."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -65,7 +65,7 @@ def is_visualad_file(path) -> bool:
         return False
 
 
-def save_file(path, backbone: EngineBackbone, head: dict, settings: dict, backbone_path=None,
+def save_detector_file(path, backbone: EngineBackbone, head: dict, settings: dict, backbone_path=None,
               include_backbone: bool = True) -> None:
     """Writes the detector atomically (a temporary file renamed over `path`)."""
     info = {k: v for k, v in head.items() if k not in HEAD_TENSORS and k not in ("layer_transforms", "cross_attn")}
@@ -82,7 +82,7 @@ def save_file(path, backbone: EngineBackbone, head: dict, settings: dict, backbo
     atomic_write(path, lambda tmp: save_safetensors(tmp, tensors, {"visualad": json.dumps(meta)}))
 
 
-def read_file(path):
+def read_detector_file(path):
     """(EngineBackbone or None, backbone_path or None, head dict, settings dict) from a saved file."""
     arrays, metadata = read_safetensors(os.fspath(path))
     try:
