@@ -5,12 +5,16 @@
 #include <numpy/arrayobject.h>
 #include <pythread.h>
 
+#include <limits.h>
 #include <math.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include "encode.h"
 #include "errors.h"
 #include "metrics.h"
 #include "head.h"
+#include "vad_limits.h"
 #include "maps.h"
 #include "ops.h"
 #include "panel_gemm.h"
@@ -52,7 +56,45 @@ static PyObject *new_float_array(int nd, npy_intp *dims) {
     return PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
 }
 
-/* Reads a sequence of ints (layers). Returns count or -1 with an exception set. */
+/* An exact Python int (not bool, not float) in [lo, hi] as a C int; -1 with ValueError/TypeError set
+ * otherwise (never truncated: 2**32 + 16 is refused, not read as 16). */
+static int exact_int(PyObject *v, long lo, long hi, const char *what, int *out) {
+    if (!PyLong_Check(v) || PyBool_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", what, Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long x = PyLong_AsLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (overflow || x < lo || x > hi) {
+        PyErr_Format(PyExc_ValueError, "%s must be in [%ld, %ld], got %R", what, lo, hi, v);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+/* Cores this process may run on (>= 1). */
+static int usable_cores(void) {
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)(n < INT_MAX ? n : INT_MAX) : 1;
+}
+
+/* "O&" converter for num_threads: an int in [1, VAD_MAX_THREADS] (else ValueError), capped at the
+ * number of usable cores so that no pool ever has more threads than the machine can run. */
+static int thread_count(PyObject *v, void *out) {
+    int n;
+    if (exact_int(v, 1, VAD_MAX_THREADS, "num_threads", &n)) return 0;
+    int cores = usable_cores();
+    *(int *)out = n < cores ? n : cores;
+    return 1;
+}
+
+/* Reads a sequence of ints (layers) in [lo, hi]. Returns count or -1 with an exception set. */
 static int read_int_list(PyObject *seq, int *out, int max, const char *what) {
     PyObject *fast = PySequence_Fast(seq, "layers must be a sequence of ints");
     if (!fast) return -1;
@@ -63,12 +105,10 @@ static int read_int_list(PyObject *seq, int *out, int max, const char *what) {
         return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
-        if (v == -1 && PyErr_Occurred()) {
+        if (exact_int(PySequence_Fast_GET_ITEM(fast, i), INT_MIN, INT_MAX, what, &out[i])) {
             Py_DECREF(fast);
             return -1;
         }
-        out[i] = (int)v;
     }
     Py_DECREF(fast);
     return (int)n;
@@ -119,19 +159,24 @@ fail:
 
 /* ================================================================== backbone config */
 
+/* d[key] as an int in [0, INT_MAX] (the engine's config checks apply the real bounds). A missing
+ * required key is a ValueError, a non-int a TypeError, an out-of-range int a ValueError. */
 static int dict_int(PyObject *d, const char *key, int *out, int required) {
     PyObject *v = PyDict_GetItemString(d, key);
     if (!v) {
         if (required) {
-            PyErr_Format(PyExc_KeyError, "backbone config is missing '%s'", key);
+            PyErr_Format(PyExc_ValueError, "config is missing '%s'", key);
             return -1;
         }
         return 0;
     }
-    long x = PyLong_AsLong(v);
-    if (x == -1 && PyErr_Occurred()) return -1;
-    *out = (int)x;
-    return 0;
+    char what[80];
+    snprintf(what, sizeof what, "config '%s'", key);
+    if (PyBool_Check(v)) { /* flags (patch_bias, ln_pre, layerscale) may be given as bools */
+        *out = v == Py_True;
+        return 0;
+    }
+    return exact_int(v, 0, INT_MAX, what, out);
 }
 
 static int parse_vit_config(PyObject *d, vad_vit_config *c) {
@@ -163,12 +208,22 @@ static int parse_vit_config(PyObject *d, vad_vit_config *c) {
 
 static PyObject *layout_to_list(vad_tensor_entry *entries, int n, size_t total);
 
+static PyObject *py_limits(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("{sisisisisisisisisi}", "width", VAD_MAX_WIDTH, "depth", VAD_MAX_DEPTH, "heads",
+                         VAD_MAX_HEADS, "patch", VAD_MAX_PATCH, "grid", VAD_MAX_GRID, "registers",
+                         VAD_MAX_REGISTERS, "mlp_hidden", VAD_MAX_MLP_HIDDEN, "image_side", VAD_MAX_IMAGE_SIDE,
+                         "threads", VAD_MAX_THREADS);
+}
+
 static PyObject *py_vit_layout(PyObject *self, PyObject *arg) {
     (void)self;
     vad_vit_config cfg;
     if (parse_vit_config(arg, &cfg)) return NULL;
     size_t total = 0;
     int n = vad_vit_layout(&cfg, NULL, 0, &total);
+    if (n < 0) return raise_status(VAD_ERR_VALUE);
     vad_tensor_entry *entries = (vad_tensor_entry *)PyMem_Calloc((size_t)n, sizeof(vad_tensor_entry));
     if (!entries) return PyErr_NoMemory();
     vad_vit_layout(&cfg, entries, n, &total);
@@ -202,7 +257,7 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"config", "params", "num_threads", NULL};
     PyObject *config, *params;
     int nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|i", kwlist, &config, &params, &nthreads)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O&", kwlist, &config, &params, thread_count, &nthreads)) return -1;
     if (self->vit) {
         PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
         return -1;
@@ -219,7 +274,6 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
         Py_DECREF(p);
         return -1;
     }
-    if (nthreads < 1) nthreads = 1;
     self->vit = vad_vit_create(&cfg, (const float *)PyArray_DATA(p), nthreads);
     if (!self->vit) {
         Py_DECREF(p);
@@ -250,7 +304,7 @@ static PyArrayObject *check_images(PyObject *obj, int *B, int *S) {
     PyArrayObject *a = as_float_array(obj, "images", 4);
     if (!a) return NULL;
     npy_intp *d = PyArray_DIMS(a);
-    if (d[1] != 3 || d[2] != d[3] || d[0] < 1 || d[2] < 1 || d[0] > 1 << 20 || d[2] > 1 << 14) {
+    if (d[1] != 3 || d[2] != d[3] || d[0] < 1 || d[2] < 1 || d[0] > 1 << 20 || d[2] > VAD_MAX_IMAGE_SIDE) {
         PyErr_Format(PyExc_ValueError, "images must have shape (B, 3, S, S), got (%zd, %zd, %zd, %zd)",
                      (Py_ssize_t)d[0], (Py_ssize_t)d[1], (Py_ssize_t)d[2], (Py_ssize_t)d[3]);
         Py_DECREF(a);
@@ -597,7 +651,7 @@ static int Head_init(HeadObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"config", "params", "num_threads", NULL};
     PyObject *config, *params;
     int nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|i", kwlist, &config, &params, &nthreads)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O&", kwlist, &config, &params, thread_count, &nthreads)) return -1;
     if (self->head) {
         PyErr_SetString(PyExc_RuntimeError, "Head is already initialised");
         return -1;
@@ -618,7 +672,7 @@ static int Head_init(HeadObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "head params must be a writeable C-contiguous float32 array");
         return -1;
     }
-    self->head = vad_head_create(&self->cfg, (const float *)PyArray_DATA(p), nthreads < 1 ? 1 : nthreads);
+    self->head = vad_head_create(&self->cfg, (const float *)PyArray_DATA(p), nthreads);
     self->lock = PyThread_allocate_lock();
     if (!self->head || !self->lock) {
         Py_DECREF(p);
@@ -648,7 +702,7 @@ static PyObject *Head_maps(HeadObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "sigma must be a finite number in [0, 1000]");
         return NULL;
     }
-    if (S < 1 || S > 1 << 14) {
+    if (S < 1 || S > VAD_MAX_IMAGE_SIDE) {
         PyErr_Format(PyExc_ValueError, "image_size %d is out of range", S);
         return NULL;
     }
@@ -733,7 +787,7 @@ static PyObject *py_gaussian_filter(PyObject *self, PyObject *args) {
     PyObject *obj;
     double sigma;
     int nthreads = 1;
-    if (!PyArg_ParseTuple(args, "Od|i", &obj, &sigma, &nthreads)) return NULL;
+    if (!PyArg_ParseTuple(args, "Od|O&", &obj, &sigma, thread_count, &nthreads)) return NULL;
     if (!isfinite(sigma) || sigma < 0 || sigma > 1000) {
         PyErr_SetString(PyExc_ValueError, "sigma must be a finite number in [0, 1000]");
         return NULL;
@@ -789,9 +843,9 @@ static PyObject *py_resize_bilinear(PyObject *self, PyObject *args) {
 static PyObject *py_sgemm_seconds(PyObject *self, PyObject *args) {
     (void)self;
     int n, repeats, nthreads;
-    if (!PyArg_ParseTuple(args, "iii", &n, &repeats, &nthreads)) return NULL;
-    if (n < 1 || n > 16384 || repeats < 1 || repeats > 1000 || nthreads < 1) {
-        PyErr_SetString(PyExc_ValueError, "need 1 <= n <= 16384, 1 <= repeats <= 1000, num_threads >= 1");
+    if (!PyArg_ParseTuple(args, "iiO&", &n, &repeats, thread_count, &nthreads)) return NULL;
+    if (n < 1 || n > 16384 || repeats < 1 || repeats > 1000) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= n <= 16384, 1 <= repeats <= 1000");
         return NULL;
     }
     double best = -1.0;
@@ -810,11 +864,11 @@ static PyObject *py_panel_linear(PyObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"x", "panels", "n_out", "bias", "out", "activation", "num_threads", NULL};
     PyObject *x_obj, *p_obj, *b_obj = Py_None, *o_obj = Py_None;
     int N, act = -1, nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOi|OOii", kwlist, &x_obj, &p_obj, &N, &b_obj, &o_obj, &act,
-                                     &nthreads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOi|OOiO&", kwlist, &x_obj, &p_obj, &N, &b_obj, &o_obj, &act,
+                                     thread_count, &nthreads))
         return NULL;
-    if (N < 1 || act < -1 || act > VAD_ACT_GELU || nthreads < 1 || nthreads > 256) {
-        PyErr_SetString(PyExc_ValueError, "need n_out >= 1, activation in {-1, 0, 1}, 1 <= num_threads <= 256");
+    if (N < 1 || act < -1 || act > VAD_ACT_GELU) {
+        PyErr_SetString(PyExc_ValueError, "need n_out >= 1, activation in {-1, 0, 1}");
         return NULL;
     }
     PyArrayObject *x = as_float_array(x_obj, "x", 2), *p = NULL, *b = NULL, *o = NULL;
@@ -911,7 +965,7 @@ static PyObject *py_binary_metrics(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *labels_obj, *scores_obj;
     int num_threads, f64;
-    if (!PyArg_ParseTuple(args, "OOi", &labels_obj, &scores_obj, &num_threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOO&", &labels_obj, &scores_obj, thread_count, &num_threads)) return NULL;
     PyArrayObject *labels = metrics_array(labels_obj, "y_true", NPY_UINT8);
     if (!labels) return NULL;
     PyArrayObject *scores = metrics_scores(scores_obj, "y_score", &f64);
@@ -965,7 +1019,7 @@ static PyObject *py_aupro(PyObject *self, PyObject *args) {
     PyObject *masks_obj, *maps_obj;
     double fpr_limit, out = 0.0;
     int num_threads, f64, rc;
-    if (!PyArg_ParseTuple(args, "OOdi", &masks_obj, &maps_obj, &fpr_limit, &num_threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOdO&", &masks_obj, &maps_obj, &fpr_limit, thread_count, &num_threads)) return NULL;
     PyArrayObject *masks, *maps;
     if (metrics_masks_maps(masks_obj, maps_obj, &masks, &maps, &f64)) return NULL;
     npy_intp *d = PyArray_DIMS(maps);
@@ -985,7 +1039,7 @@ static PyObject *py_aupro_anomalyclip(PyObject *self, PyObject *args) {
     PyObject *masks_obj, *maps_obj, *th_obj;
     double fpr_below, out = 0.0;
     int num_threads, f64, rc;
-    if (!PyArg_ParseTuple(args, "OOOdi", &masks_obj, &maps_obj, &th_obj, &fpr_below, &num_threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOdO&", &masks_obj, &maps_obj, &th_obj, &fpr_below, thread_count, &num_threads)) return NULL;
     PyArrayObject *th = metrics_array(th_obj, "thresholds", NPY_FLOAT64);
     if (!th) return NULL;
     PyArrayObject *masks, *maps;
@@ -1065,7 +1119,7 @@ static PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *
     }
     const vad_head_config *c = &self->cfg;
     int D = c->width, L = c->n_layers, B = 0, N = 0;
-    if (S < 1 || S > 1 << 14) {
+    if (S < 1 || S > VAD_MAX_IMAGE_SIDE) {
         PyErr_Format(PyExc_ValueError, "image_size %d is out of range", S);
         return NULL;
     }
@@ -1157,8 +1211,8 @@ static PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kwds) {
     PyObject *p_obj, *g_obj, *m_obj, *v_obj, *seg_obj;
     int step, nthreads = 1;
     vad_adamw_params hp = vad_adamw_default_params();
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOi|dddi", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &seg_obj,
-                                     &step, &hp.beta1, &hp.beta2, &hp.eps, &nthreads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOi|dddO&", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &seg_obj,
+                                     &step, &hp.beta1, &hp.beta2, &hp.eps, thread_count, &nthreads))
         return NULL;
     if (inplace_vector(p_obj, "params") || inplace_vector(m_obj, "exp_avg") || inplace_vector(v_obj, "exp_avg_sq"))
         return NULL;
@@ -1289,6 +1343,8 @@ static PyMethodDef module_methods[] = {
     {"sgemm_seconds", py_sgemm_seconds, METH_VARARGS,
      "sgemm_seconds(n, repeats, num_threads) -> best wall time of one n x n x n SGEMM through the engine's\n"
      "BLAS and thread pool (for peak-FLOP/s references in benchmarks)."},
+    {"limits", py_limits, METH_NOARGS,
+     "limits() -> {name: int}: the engine's size limits (csrc/vad_limits.h), mirrored by visualad.limits."},
     {"panel_linear", (PyCFunction)(void (*)(void))py_panel_linear, METH_VARARGS | METH_KEYWORDS,
      "panel_linear(x (M,K) float32, panels, n_out, bias=None, out=None, activation=-1, num_threads=1) -> out:\n"
      "act(x W^T + bias (+ out when given, accumulated in place)) with W [n_out, K] stored in panels\n"

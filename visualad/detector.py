@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _engine
 from .backbone import EngineBackbone, build_backbone
+from .limits import MAX_IMAGE_SIDE, check_int, check_threads
 from .head import default_layers, head_engine_config, init_head, pack_head, validate_head
 from .preprocess import ImageSource
 from .progress import Progress
@@ -116,12 +117,8 @@ class Detector:
 
     # ------------------------------------------------------------------ lazy model state
     def _threads(self) -> int:
-        if self.num_threads is None:
-            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = int(self.num_threads)
-        if n < 1:
-            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
-        return n
+        """num_threads resolved: None = every usable core; capped at the cores and MAX_THREADS."""
+        return check_threads(self.num_threads)
 
     def _model(self):
         """Loads the backbone, engine and head once; each is rebuilt only when what it depends on
@@ -155,14 +152,16 @@ class Detector:
         """Resolved (image_size, layers) after the model is loaded, validated."""
         bb = self._backbone_
         size = self.image_size if self.image_size is not None else self.head_.get("image_size", 518)
-        size = int(size)
+        size = check_int(size, "image_size", 1, MAX_IMAGE_SIDE)
         patch = bb.config["patch"]
-        if size <= 0 or size % patch:
+        if size % patch:
             raise ValueError(f"image_size {size} is not a positive multiple of the patch size {patch}")
         layers = self.layers if self.layers is not None else self.head_.get("features_list")
         if layers is None:
             layers = default_layers(bb.depth)
-        layers = [int(l) for l in layers]
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"layers must be a list of ints, got {type(layers).__name__}")
+        layers = [check_int(l, "layers[i]") for l in layers]
         if not layers:
             raise ValueError("layers must not be empty")
         for l in layers:
@@ -175,10 +174,7 @@ class Detector:
         return ImageSource(X, size, bb.mean, bb.std)
 
     def _batch_size(self) -> int:
-        bs = int(self.batch_size)
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        return bs
+        return check_int(self.batch_size, "batch_size", 1)
 
     # ------------------------------------------------------------------ API
     def encode(self, X) -> dict:
@@ -250,9 +246,7 @@ class Detector:
         from .progress import Progress
         from .training import adamw_update, batch_targets, epoch_lr, loss_and_grad, step_seed
         engine, size, layers, src, labels, buf = self._train_setup(X, y, masks, fresh_start=True)
-        epochs, bs = int(self.epochs), self._batch_size()
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        epochs, bs = check_int(self.epochs, "epochs", 1), self._batch_size()
         d = float(self.dropout)
         if not 0.0 <= d < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -387,7 +381,14 @@ class Detector:
 
     def decision_function(self, X) -> np.ndarray:
         """``score_samples(X) + threshold``: negative = anomaly."""
-        return self.score_samples(X) + np.float32(self.threshold)
+        threshold = np.float32(self._threshold())
+        return self.score_samples(X) + threshold
+
+    def _threshold(self) -> float:
+        t = float(self.threshold)
+        if not math.isfinite(t):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
+        return t
 
     def predict(self, X) -> np.ndarray:
         """-1 for anomalies, +1 for normal images."""

@@ -11,11 +11,11 @@ pixels (never thresholds x pixels).
 >>> metrics.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
 0.75
 """
-import os
 
 import numpy as np
 
 from . import _engine
+from .limits import check_threads
 
 __all__ = ["roc_auc", "average_precision", "f1_max", "binary_metrics", "aupro", "aupro_anomalyclip"]
 
@@ -24,14 +24,8 @@ ANOMALYCLIP_FPR_BELOW = 0.3  # cal_pro_score(expect_fpr=0.3): keeps thresholds w
 
 
 def _threads(num_threads):
-    if num_threads is None:
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            return os.cpu_count() or 1
-    if int(num_threads) < 1:
-        raise ValueError(f"num_threads must be >= 1 or None, got {num_threads!r}")
-    return int(num_threads)
+    """None = every usable core; an int in [1, limits.MAX_THREADS], capped at the usable cores."""
+    return check_threads(num_threads)
 
 
 def _binary(y, name):
