@@ -11,6 +11,7 @@ from . import _engine
 from .backbone import EngineBackbone, build_backbone
 from .limits import MAX_IMAGE_SIDE, check_int, check_threads
 from .head import default_layers, head_engine_config, init_head, pack_head, validate_head
+from .errors import CheckpointError
 from .preprocess import ImageSource
 from .progress import Progress
 
@@ -29,7 +30,10 @@ def _load_backbone(spec) -> tuple[EngineBackbone, dict | None]:
             backbone, backbone_path, head, _ = read_file(spec)
             return (backbone if backbone is not None else _load_backbone(backbone_path)[0]), head
         weights = load_backbone(spec)
-        return build_backbone(weights.tensors, weights.family, weights.hints), None
+        try:
+            return build_backbone(weights.tensors, weights.family, weights.hints), None
+        except ValueError as exc:  # NaN weights, sizes beyond the engine's limits
+            raise CheckpointError(f"{os.fspath(spec)}: {exc}") from None
     raise TypeError(f"backbone must be a path or a dict of arrays, got {type(spec).__name__}")
 
 

@@ -24,7 +24,7 @@ from .backbone import EngineBackbone, engine_backbone, new_params, read_tensor, 
 from .checkpoint.describe import describe
 from .checkpoint.safetensors import read_header, read_safetensors, save_safetensors
 from .errors import CheckpointError
-from .head import validate_head
+from .head import default_layers, head_engine_config, validate_head
 from .limits import MAX_DEPTH, MAX_IMAGE_SIDE, MAX_THREADS, check_int
 
 FORMAT, VERSION = "visualad", 1
@@ -110,6 +110,8 @@ def _backbone(path, meta: dict, arrays: dict) -> EngineBackbone:
             raise ValueError(f"backbone tensor '{name}' is missing")
         if tuple(arr.shape) != tuple(shape):
             raise ValueError(f"backbone tensor '{name}' has shape {arr.shape}, expected {tuple(shape)}")
+        if arr.dtype.kind != "f" or not np.isfinite(arr).all():
+            raise ValueError(f"backbone tensor '{name}' is not floating-point or contains NaN or Inf")
         stored += arr.size
     if total > stored + 16 * len(layout) + (1 << 20):  # panel padding only
         raise ValueError(f"backbone config needs {total} floats but the file holds {stored}")
@@ -117,6 +119,18 @@ def _backbone(path, meta: dict, arrays: dict) -> EngineBackbone:
     for entry in layout:
         write_tensor(params, entry, np.asarray(arrays[f"backbone.{entry[0]}"], np.float32))
     return engine_backbone(meta["family"], dict(cfg), params, layout)
+
+
+def _check_usable(head: dict, settings: dict, backbone: EngineBackbone) -> None:
+    """The stored settings fit the stored backbone, and the head fits the engine's limits."""
+    size = settings.get("image_size") or head.get("image_size")
+    if size is not None and check_int(size, "image_size", 1, MAX_IMAGE_SIDE) % backbone.config["patch"]:
+        raise ValueError(f"image_size {size} is not a multiple of the patch size {backbone.config['patch']}")
+    layers = settings.get("layers") or head.get("features_list") or default_layers(backbone.depth)
+    if not isinstance(layers, list) or not layers or not all(
+            isinstance(l, int) and 1 <= l <= backbone.depth for l in layers):
+        raise ValueError(f"layers {describe(layers)} are not blocks 1..{backbone.depth} of the backbone")
+    _engine.head_layout(head_engine_config(head, layers, backbone.width))  # ValueError beyond the limits
 
 
 def _check_meta(meta) -> dict:
@@ -173,6 +187,8 @@ def read_file(path):
         token = head.get("anomaly_token")
         width = backbone.width if backbone is not None else (token.shape[-1] if token is not None else 0)
         head = validate_head(head, width)
+        if backbone is not None:
+            _check_usable(head, meta["settings"], backbone)
     except CheckpointError:
         raise
     except (ValueError, TypeError, KeyError, OverflowError) as exc:

@@ -101,7 +101,7 @@ def apply_config(config: dict, family: str, arch: dict, hints: dict, where: str)
     """Checks a transformers ``config.json`` against the architecture of the weights and takes
     eps, activation and heads from it into ``hints``."""
     model_type = config.get("model_type")
-    if model_type not in _FAMILIES:
+    if not isinstance(model_type, str) or model_type not in _FAMILIES:
         raise CheckpointError(f"{where}: config.json model_type {describe(model_type)} is not a CLIP or DINOv2 model")
     if model_type == "clip":
         config = config.get("vision_config")

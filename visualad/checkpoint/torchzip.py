@@ -4,12 +4,13 @@ Layout: one top-level folder (named after the file, ``archive`` or anything else
 ``data.pkl`` (the pickled object), ``data/<key>`` (one uncompressed member per storage, raw
 little-endian elements), ``byteorder`` (optional) and bookkeeping members. Storage members are
 located through their local zip headers and read straight from the file, never decompressed or
-copied whole. ``data.pkl`` is unpickled as a stream (stored or deflated only: bzip2 and lzma
-members can expand without bound inside one decompression call), after its declared size has been
-checked against :data:`visualad.limits.MAX_PICKLE_BYTES`.
+copied whole. ``data.pkl`` (stored or deflated only: bzip2 and lzma members can expand without
+bound inside one decompression call) is read once, after its declared size has been checked
+against :data:`visualad.limits.MAX_PICKLE_BYTES`, and unpickled from that buffer without a copy.
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zipfile
@@ -116,5 +117,12 @@ def read_torch_zip(path: str):
                 storage.attach(path, offset)
                 return storage
 
-            with _open_member(zf, info, MAX_PICKLE_BYTES, path) as pickled:
-                return unpickle(pickled, f"{path}:{top}data.pkl", resolve, limit=info.file_size)
+            where = f"{path}:{top}data.pkl"
+            try:  # one bounded read (zipfile stops at the declared size), then unpickled in place
+                with _open_member(zf, info, MAX_PICKLE_BYTES, path) as member:
+                    pickled = member.read(info.file_size)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # CRC errors, truncated or corrupt deflate data
+                raise CheckpointError(f"{where}: cannot read the member ({exc})") from None
+            return unpickle(io.BytesIO(pickled), where, resolve)

@@ -18,6 +18,7 @@ read may ask for more bytes than the stream has left (checked before anything is
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import types
 from typing import BinaryIO, Callable
@@ -169,8 +170,8 @@ class _Bounded:
 class _RestrictedUnpickler(pickle._Unpickler):
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, stream: BinaryIO, where: str, resolve: StorageResolver | None, limit: int):
-        super().__init__(_Bounded(stream, limit), encoding="utf-8")  # str of Python 2 pickles, as torch.load
+    def __init__(self, stream, where: str, resolve: StorageResolver | None):
+        super().__init__(stream, encoding="utf-8")  # str of Python 2 pickles, as torch.load
         self._where, self._resolve = where, resolve
         self._storages: dict[str, TypedStorage] = {}
 
@@ -263,17 +264,18 @@ class _RestrictedUnpickler(pickle._Unpickler):
     del _name, _op
 
 
-def unpickle(stream: BinaryIO, where: str, resolve: StorageResolver | None = None, limit: int | None = None):
+def unpickle(stream: BinaryIO, where: str, resolve: StorageResolver | None = None):
     """Unpickles one pickle from the binary file ``stream`` (left just after it) through the
-    allow-list, reading at most ``limit`` bytes (default: what is left of a seekable stream).
-    Tensors become :class:`LazyTensor`, TorchScript objects :class:`TorchScriptObject`. Every
-    failure is a :class:`CheckpointError` naming ``where``."""
-    if limit is None:
+    allow-list; no read may go past the end of the stream. Tensors become :class:`LazyTensor`,
+    TorchScript objects :class:`TorchScriptObject`. Every failure is a :class:`CheckpointError`
+    naming ``where``."""
+    if not isinstance(stream, io.BytesIO):  # an in-memory stream never returns more than it holds
         here = stream.tell()
-        limit = stream.seek(0, 2) - here
+        left = stream.seek(0, 2) - here
         stream.seek(here)
+        stream = _Bounded(stream, left)
     try:
-        return _RestrictedUnpickler(stream, where, resolve, limit).load()
+        return _RestrictedUnpickler(stream, where, resolve).load()
     except CheckpointError:
         raise
     except _BadContent as exc:
