@@ -18,9 +18,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from fuzz.campaign import run_campaign  # noqa: E402
+from fuzz.campaign import retime, run_campaign  # noqa: E402
 
 FINDINGS = ("crashes", "hangs", "foreign", "slow", "memory", "harness_errors")
 
@@ -48,14 +48,20 @@ def main() -> int:
     def progress(s: dict) -> None:
         rate = s["executions"] / max(time.monotonic() - start, 1e-9)
         found = ", ".join(f"{k} {s[k]}" for k in FINDINGS)
-        print(f"\r{s['executions']:>9}/{args.executions} inputs  {rate:6.0f}/s  max {s['max_seconds']:.2f} s  "
+        print(f"\r{s['executions']:>9}/{args.executions} inputs  {rate:6.0f}/s  max {s['max_seconds']:.2f} s CPU "
+              f"({s['max_wall_seconds']:.2f} s wall)  "
               f"peak {s['max_peak_bytes'] / 2**20:.0f} MB  {found}", end="", file=sys.stderr, flush=True)
 
     summary = run_campaign(seeds, args.out, executions=args.executions, seconds=args.hours * 3600, seed=args.seed,
                            nice=args.nice, progress=progress)
     print(file=sys.stderr)
+    # inputs slow only by the clock (the machine was busy) run again: best of 3 must be under 2 s
+    summary["retimed"] = [{"input": p, "target": t, "best_seconds": round(b, 3)} for p, t, b in retime(args.out)]
+    summary["slow_after_retiming"] = sum(r["best_seconds"] > 2.0 for r in summary["retimed"])
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))
-    return 1 if any(summary[k] for k in FINDINGS) else 0
+    return 1 if any(summary[k] for k in FINDINGS + ("slow_after_retiming",)) else 0
 
 
 if __name__ == "__main__":

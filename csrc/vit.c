@@ -113,7 +113,7 @@ int vad_vit_config_check(const vad_vit_config *c) {
         c->patch > VAD_MAX_PATCH || c->grid0 > VAD_MAX_GRID || c->mlp_hidden > VAD_MAX_MLP_HIDDEN ||
         c->n_registers > VAD_MAX_REGISTERS)
         return vad_fail(VAD_ERR_VALUE, "backbone config: a size exceeds the engine's limits (width=%d <= %d, "
-                        "depth=%d <= %d, heads=%d <= %d, patch=%d <= %d, grid=%d <= %d, mlp=%d <= %d, "
+                        "depth=%d <= %d, heads=%d <= %d, patch=%d <= %d, grid=%d <= %d, mlp_hidden=%d <= %d, "
                         "registers=%d <= %d)", c->width, VAD_MAX_WIDTH, c->depth, VAD_MAX_DEPTH, c->heads,
                         VAD_MAX_HEADS, c->patch, VAD_MAX_PATCH, c->grid0, VAD_MAX_GRID, c->mlp_hidden,
                         VAD_MAX_MLP_HIDDEN, c->n_registers, VAD_MAX_REGISTERS);

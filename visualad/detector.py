@@ -149,8 +149,9 @@ class Detector:
 
     def _fresh_head(self, bb: EngineBackbone) -> dict:
         layers = self.layers if self.layers is not None else default_layers(bb.depth)
-        size = self.image_size if self.image_size is not None else 518
-        return init_head(bb.width, list(layers), bb.default_ln_post, size, self.random_state)
+        size = check_int(self.image_size if self.image_size is not None else 518, "image_size", 1, MAX_IMAGE_SIDE)
+        layers = [check_int(l, "layers[i]", 1, bb.depth) for l in layers]
+        return init_head(bb.width, layers, bb.default_ln_post, size, self.random_state)
 
     def _settings(self):
         """Resolved (image_size, layers) after the model is loaded, validated."""
