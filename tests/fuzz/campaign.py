@@ -100,7 +100,8 @@ def worker(seeds: dict, out_dir: str, scratch: str, executions: int, seconds: fl
     from .mutate import Mutator
     from .targets import TARGETS, InputWriter, seed_bytes
 
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):  # AddressSanitizer reserves terabytes of shadow
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
     warnings.simplefilter("ignore")  # Pillow and zipfile warn about every second mutated input
     rng = random.Random(seed)
     mutator = Mutator(rng)
