@@ -68,7 +68,8 @@ class Detector:
     threshold : float
         Decision threshold on ``anomaly_scores``.
     num_threads : int, optional
-        Threads for the C engine (None = all cores).
+        Threads for the C engine (None = all usable cores). Larger values are capped at the usable
+        cores; values above ``visualad.limits.MAX_THREADS`` (256) are refused.
     random_state : int
         Seed for fresh heads and training.
     batch_size : int

@@ -5,7 +5,8 @@ boolean or numeric with values 0 (normal) and 1 (anomalous); scores and maps are
 float64 (other numeric dtypes are converted to float64) and must be finite. Nothing is binned:
 scores are sorted once as exact integer keys (parallel radix sort), so the results equal the
 reference definitions up to floating-point rounding, and memory stays linear in the number of
-pixels (never thresholds x pixels).
+pixels (never thresholds x pixels). ``num_threads`` (keyword): None = every usable core; larger
+counts are capped at the usable cores, counts above ``visualad.limits.MAX_THREADS`` (256) refused.
 
 >>> from visualad import metrics
 >>> metrics.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])

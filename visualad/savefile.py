@@ -91,7 +91,7 @@ def _check_settings(settings) -> dict:
             raise ValueError(f"setting layers must be a non-empty list of block indices, got {describe(layers)}")
         for layer in layers:
             check_int(layer, "setting layers[i]", 1, MAX_DEPTH)
-    if "progress" in settings and not isinstance(settings["progress"], bool):
+    if "progress" in settings and settings["progress"] not in (True, False, 0, 1):
         raise ValueError("setting progress must be true or false")
     return settings
 
