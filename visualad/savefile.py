@@ -177,9 +177,12 @@ def read_file(path):
         if "visualad" not in metadata:
             raise ValueError("not a visualad detector file (no 'visualad' metadata)")
         try:
-            meta = _check_meta(json.loads(metadata["visualad"]))
+            meta = json.loads(metadata["visualad"])
         except RecursionError:
             raise ValueError("metadata is nested too deeply") from None
+        except ValueError as exc:
+            raise ValueError(f"'visualad' metadata is not valid JSON ({describe(str(exc))})") from None
+        meta = _check_meta(meta)
         head_flat = {k[len("head."):]: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()
                      if k.startswith("head.")}
         head = unflatten_head(head_flat, meta.get("head_info", {}))
