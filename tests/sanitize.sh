@@ -14,9 +14,15 @@ cd "$(dirname "$0")/.."
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/visualad-sanitize.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
+# the repository's files (tracked and new, not ignored ones: never the normal build's .so)
 mkdir -p "$WORK/src"
-cp -r csrc visualad tests setup.py pyproject.toml README.md "$WORK/src/"
-find "$WORK/src" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +  # never the normal build
+git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$WORK/src"
+LIBASAN=$(gcc -print-file-name=libasan.so)
+LIBUBSAN=$(gcc -print-file-name=libubsan.so)
+if [ ! -e "$LIBASAN" ] || [ ! -e "$LIBUBSAN" ]; then
+    echo "gcc's sanitizer runtimes (libasan, libubsan) are not installed" >&2
+    exit 1
+fi
 
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
 (cd "$WORK/src" && CFLAGS="$SAN" LDFLAGS="$SAN" python3 setup.py -q build_ext --inplace 2>&1 \
@@ -27,7 +33,7 @@ if ! ldd "$WORK"/src/visualad/_engine*.so | grep -q libasan; then
     exit 1
 fi
 mkdir -p "$WORK/reports"
-export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export LD_PRELOAD="$LIBASAN $LIBUBSAN"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$WORK/reports/asan:strict_string_checks=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$WORK/reports/ubsan"
 export PYTHONPATH="$WORK/src"
