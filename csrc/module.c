@@ -186,6 +186,7 @@ static int parse_vit_config(PyObject *d, vad_vit_config *c) {
     }
     memset(c, 0, sizeof *c);
     c->ln_eps = 1e-5f;
+    c->pos_cubic_a = -0.75f;
     if (dict_int(d, "width", &c->width, 1) || dict_int(d, "depth", &c->depth, 1) ||
         dict_int(d, "heads", &c->heads, 1) || dict_int(d, "patch", &c->patch, 1) ||
         dict_int(d, "grid", &c->grid0, 1) || dict_int(d, "mlp_hidden", &c->mlp_hidden, 1) ||
@@ -198,6 +199,12 @@ static int parse_vit_config(PyObject *d, vad_vit_config *c) {
         double e = PyFloat_AsDouble(eps);
         if (e == -1.0 && PyErr_Occurred()) return -1;
         c->ln_eps = (float)e;
+    }
+    PyObject *cubic_a = PyDict_GetItemString(d, "pos_cubic_a");
+    if (cubic_a) {
+        double a = PyFloat_AsDouble(cubic_a);
+        if (a == -1.0 && PyErr_Occurred()) return -1;
+        c->pos_cubic_a = (float)a;
     }
     if (vad_vit_config_check(c) != VAD_OK) {
         raise_status(VAD_ERR_VALUE);
@@ -327,9 +334,11 @@ static PyArrayObject *check_images(PyObject *obj, int *B, int *S) {
 #define MAX_LAYERS 64
 
 static PyObject *Backbone_forward(BackboneObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"images", "layers", "inserted", NULL};
+    static char *kwlist[] = {"images", "layers", "inserted", "final_norm", NULL};
     PyObject *images_obj, *layers_obj, *ins_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O", kwlist, &images_obj, &layers_obj, &ins_obj)) return NULL;
+    int final_norm = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|Op", kwlist, &images_obj, &layers_obj, &ins_obj, &final_norm))
+        return NULL;
     if (check_ready(self)) return NULL;
     const vad_vit_config *cfg = vad_vit_get_config(self->vit);
     int layers[MAX_LAYERS];
@@ -367,20 +376,30 @@ static PyObject *Backbone_forward(BackboneObject *self, PyObject *args, PyObject
         PyList_SET_ITEM(outs, i, a);
         ptrs[i] = (float *)PyArray_DATA((PyArrayObject *)a);
     }
+    PyObject *final = NULL;
+    if (final_norm && !(final = new_float_array(3, dims))) {
+        Py_DECREF(outs);
+        goto fail;
+    }
+    float *final_ptr = final ? (float *)PyArray_DATA((PyArrayObject *)final) : NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
     rc = vad_vit_forward(self->vit, (const float *)PyArray_DATA(images), B, S,
-                         ins ? (const float *)PyArray_DATA(ins) : NULL, n_ins, layers, n_layers, ptrs, NULL);
+                         ins ? (const float *)PyArray_DATA(ins) : NULL, n_ins, layers, n_layers, ptrs, final_ptr);
+    if (!rc && final_ptr) rc = vad_vit_final_norm(self->vit, final_ptr, final_ptr, B * T);
     PyThread_release_lock(self->lock);
     Py_END_ALLOW_THREADS
     Py_DECREF(images);
     Py_XDECREF(ins);
     if (rc) {
         Py_DECREF(outs);
+        Py_XDECREF(final);
         return raise_status(rc);
     }
-    return outs;
+    if (!final) return outs;
+    PyObject *pair = Py_BuildValue("(NN)", outs, final);
+    return pair;
 fail:
     Py_DECREF(images);
     Py_XDECREF(ins);
@@ -528,8 +547,9 @@ done:
 
 static PyMethodDef Backbone_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Backbone_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(images, layers, inserted=None) -> list of float32 (B, T, D) residual streams after the\n"
-     "given 1-based blocks (0 = input of block 1). inserted: (k, D) tokens placed before cls."},
+     "forward(images, layers, inserted=None, final_norm=False) -> list of float32 (B, T, D) residual\n"
+     "streams after the given 1-based blocks (0 = input of block 1). inserted: (k, D) tokens placed\n"
+     "before cls. final_norm=True returns (list, the tower's final norm of the last block's stream)."},
     {"encode", (PyCFunction)(void (*)(void))Backbone_encode, METH_VARARGS | METH_KEYWORDS,
      "encode(images, layers, tokens, ln_weight, ln_bias) -> (list of (B, N, D), t_a (B, D), t_n (B, D))"},
     {"encode_train", (PyCFunction)(void (*)(void))Backbone_encode_train, METH_VARARGS | METH_KEYWORDS,

@@ -23,14 +23,14 @@ static double cubic_a(double x, double a) {
     return 0.0;
 }
 
-/* PyTorch upsample_bicubic2d (align_corners=False, A=-0.75, no antialias): source coordinate
- * scale*(dst+0.5)-0.5 without clamping, 4 taps at floor(src)-1..+2 clamped to the border. */
-static int bicubic_weights(axis_weights *aw, int in, int out, float scale) {
+/* PyTorch upsample_bicubic2d (align_corners=False, no antialias; PyTorch's A is -0.75) and ONNX
+ * Resize cubic half_pixel: source coordinate scale*(dst+0.5)-0.5 without clamping, 4 taps at
+ * floor(src)-1..+2 clamped to the border. */
+static int bicubic_weights(axis_weights *aw, int in, int out, float scale, float A) {
     aw->taps = 4;
     aw->idx = (int *)malloc((size_t)out * 4 * sizeof(int));
     aw->w = (float *)malloc((size_t)out * 4 * sizeof(float));
     if (!aw->idx || !aw->w) return VAD_ERR_MEMORY;
-    const float A = -0.75f;
     for (int i = 0; i < out; i++) {
         float src = (float)((double)scale * ((double)i + 0.5) - 0.5);
         int x0 = (int)floorf(src);
@@ -107,7 +107,7 @@ static int apply_separable(float *out, const float *in, int D, int G0, int g, co
     return VAD_OK;
 }
 
-int vad_resize_positions(float *out, const float *in, int D, int G0, int g, int mode) {
+int vad_resize_positions(float *out, const float *in, int D, int G0, int g, int mode, float cubic_a) {
     /* the largest buffer formed below is the G0 x g x D intermediate; every index stays in int */
     size_t tmp_floats;
     if (D < 1 || D > VAD_MAX_WIDTH || G0 < 1 || G0 > VAD_MAX_GRID || g < 1 || g > VAD_MAX_IMAGE_SIDE ||
@@ -121,7 +121,7 @@ int vad_resize_positions(float *out, const float *in, int D, int G0, int g, int 
         vad_resize_bilinear(out, in, D, G0, G0, g, g);
         return VAD_OK;
     }
-    if (mode != VAD_POS_BICUBIC_SCALE && mode != VAD_POS_BICUBIC_AA)
+    if (mode != VAD_POS_BICUBIC_SCALE && mode != VAD_POS_BICUBIC_AA && mode != VAD_POS_BICUBIC_SIZE)
         return vad_fail(VAD_ERR_VALUE, "unknown position resize mode %d", mode);
     axis_weights aw = {0, NULL, NULL};
     int rc;
@@ -129,7 +129,9 @@ int vad_resize_positions(float *out, const float *in, int D, int G0, int g, int 
         /* DINOv2 without registers: scale_factor (g + 0.1) / G0, so the kernel maps with
          * 1 / scale_factor = G0 / (g + 0.1) */
         float scale = (float)((double)G0 / ((double)g + 0.1));
-        rc = bicubic_weights(&aw, G0, g, scale);
+        rc = bicubic_weights(&aw, G0, g, scale, -0.75f);
+    } else if (mode == VAD_POS_BICUBIC_SIZE) {
+        rc = bicubic_weights(&aw, G0, g, (float)G0 / (float)g, cubic_a); /* size given: scale in/out */
     } else {
         rc = bicubic_aa_weights(&aw, G0, g);
     }

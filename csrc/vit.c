@@ -122,8 +122,10 @@ int vad_vit_config_check(const vad_vit_config *c) {
                         c->width, c->heads);
     if (c->activation < VAD_ACT_QUICK_GELU || c->activation > VAD_ACT_SWIGLU)
         return vad_fail(VAD_ERR_VALUE, "backbone config: unknown activation %d", c->activation);
-    if (c->pos_resize < VAD_POS_BILINEAR || c->pos_resize > VAD_POS_BICUBIC_AA)
+    if (c->pos_resize < VAD_POS_BILINEAR || c->pos_resize > VAD_POS_BICUBIC_SIZE)
         return vad_fail(VAD_ERR_VALUE, "backbone config: unknown position resize mode %d", c->pos_resize);
+    if (!(c->pos_cubic_a >= -2.0f && c->pos_cubic_a <= 0.0f))
+        return vad_fail(VAD_ERR_VALUE, "backbone config: cubic coefficient must be in [-2, 0]");
     if (!(c->ln_eps > 0.0f && c->ln_eps < 1.0f))
         return vad_fail(VAD_ERR_VALUE, "backbone config: layer-norm eps must be in (0, 1)");
     if ((int64_t)c->width * c->mlp_hidden > (int64_t)1 << 30)
@@ -174,6 +176,13 @@ const vad_vit_config *vad_vit_get_config(const vad_vit *m) { return &m->cfg; }
 const vad_vit_weights *vad_vit_get_weights(const vad_vit *m) { return &m->w; }
 vad_pool *vad_vit_pool(vad_vit *m) { return m->pool; }
 
+int vad_vit_final_norm(vad_vit *m, const float *x, float *out, int rows) {
+    int D = m->cfg.width;
+    if (rows <= 0) return vad_fail(VAD_ERR_VALUE, "final norm: rows must be positive");
+    vad_layernorm(m->pool, out, D, x, D, m->w.ln_post_w, m->w.ln_post_b, rows, D, m->cfg.ln_eps);
+    return VAD_OK;
+}
+
 int vad_vit_seq_len(const vad_vit *m, int S, int n_inserted) {
     int g = S / m->cfg.patch;
     return n_inserted + 1 + m->cfg.n_registers + g * g;
@@ -221,7 +230,8 @@ int vad_vit_ensure_positions(vad_vit *m, int g) {
     const vad_vit_config *c = &m->cfg;
     m->pos_patch = (float *)malloc((size_t)g * g * c->width * sizeof(float));
     if (!m->pos_patch) return vad_fail(VAD_ERR_MEMORY, "out of memory resizing positions");
-    int rc = vad_resize_positions(m->pos_patch, m->w.pos + c->width, c->width, c->grid0, g, c->pos_resize);
+    int rc = vad_resize_positions(m->pos_patch, m->w.pos + c->width, c->width, c->grid0, g, c->pos_resize,
+                                  c->pos_cubic_a);
     if (rc) {
         free(m->pos_patch);
         m->pos_patch = NULL;

@@ -15,6 +15,7 @@ enum vad_pos_resize {
     VAD_POS_BILINEAR = 0,       /* CLIP: bilinear, align_corners=False, no antialias */
     VAD_POS_BICUBIC_SCALE = 1,  /* DINOv2 (no registers): bicubic A=-0.75, scale (g+0.1)/G0 */
     VAD_POS_BICUBIC_AA = 2,     /* DINOv2 with registers: bicubic to size g, antialias */
+    VAD_POS_BICUBIC_SIZE = 3,   /* transformers DINOv2, ONNX cubic Resize: bicubic to size g, no antialias */
 };
 
 typedef struct {
@@ -26,6 +27,7 @@ typedef struct {
     int activation; /* enum vad_activation */
     int pos_resize; /* enum vad_pos_resize */
     float ln_eps;
+    float pos_cubic_a; /* cubic coefficient of VAD_POS_BICUBIC_SIZE (PyTorch: -0.75) */
 } vad_vit_config;
 
 typedef struct {
@@ -77,6 +79,9 @@ int vad_vit_forward(vad_vit *m, const float *images, int B, int S, const float *
  * layer's into dstate). dinserted: [n_inserted, D], accumulated (+=). */
 int vad_vit_backward_inserted(vad_vit *m, const float *states, int B, int S, const float *inserted,
                               int n_inserted, float *dstate, const float *const *inject, float *dinserted);
+
+/* out [rows, D] = the tower's own final norm (CLIP ln_post, DINOv2 norm) of x [rows, D]; out may be x. */
+int vad_vit_final_norm(vad_vit *m, const float *x, float *out, int rows);
 
 /* Number of sequence positions for a given input side. */
 int vad_vit_seq_len(const vad_vit *m, int S, int n_inserted);

@@ -14,16 +14,16 @@ import visualad
 SIZE = 70  # grid 5 (native 4 for CLIP): position resizing is exercised too
 
 
-def encode(backbone, family):
+def encode(backbone, family, size=None):
     head = R.random_head(128, [1, 2], seed=3)
-    det = visualad.Detector(backbone, head=to_numpy(head), image_size=SIZE if family == "clip" else 84,
-                            layers=[1, 2], num_threads=2)
+    size = size or (SIZE if family == "clip" else 84)
+    det = visualad.Detector(backbone, head=to_numpy(head), image_size=size, layers=[1, 2], num_threads=2)
     x = random_images(2, det.image_size, seed=4).numpy()
     return det.encode(x)
 
 
-def assert_same_encode(path, expected: dict, family):
-    a, b = encode(str(path), family), encode(expected, family)
+def assert_same_encode(path, expected: dict, family, size=None):
+    a, b = encode(str(path), family, size), encode(expected, family, size)
     for l in (1, 2):
         assert rel_err(a["layers"][l], b["layers"][l]) <= 1e-6
     assert rel_err(a["anomaly_token"], b["anomaly_token"]) <= 1e-6
@@ -67,4 +67,6 @@ def test_dinov2_hub_and_transformers(tmp_path, registers):
     assert_same_encode(tmp_path / "dinov2.pth", expected, "dinov2")
     hf = make_hf_dinov2(state, 128, 2, 2, registers=registers, image_size=56)
     hf.save_pretrained(tmp_path / "hf")
-    assert_same_encode(tmp_path / "hf", expected, "dinov2")
+    # a transformers folder resizes positions by transformers' rule, not the hub's (test_features.py
+    # checks it against transformers): the weights are compared at the native grid
+    assert_same_encode(tmp_path / "hf", expected, "dinov2", size=56)

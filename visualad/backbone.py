@@ -16,7 +16,10 @@ from . import _engine
 
 # enum values shared with csrc/ops.h and csrc/vit.h
 ACTIVATIONS = {"quick_gelu": 0, "gelu": 1, "swiglu": 2}
-POS_BILINEAR, POS_BICUBIC_SCALE, POS_BICUBIC_AA = 0, 1, 2
+POS_BILINEAR, POS_BICUBIC_SCALE, POS_BICUBIC_AA, POS_BICUBIC_SIZE = 0, 1, 2, 3
+#: position-resize rules a checkpoint reader may name in its hints (``pos_resize``), see csrc/vit.h
+POS_RULES = {"bilinear": POS_BILINEAR, "bicubic_scale": POS_BICUBIC_SCALE, "bicubic_aa": POS_BICUBIC_AA,
+             "bicubic_size": POS_BICUBIC_SIZE}
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,6 +87,17 @@ def _grid_from_pos(n_pos: int, key: str) -> int:
     return grid
 
 
+def _pos_rule(hints: dict, default: int) -> int:
+    """The position-resize rule the checkpoint's own code uses (hints['pos_resize']), else the
+    family's default (CLIP: bilinear as VisualAD; DINOv2: the hub's rules)."""
+    rule = hints.get("pos_resize")
+    if rule is None:
+        return default
+    if rule not in POS_RULES:
+        raise ValueError(f"unknown position-resize rule {rule!r} (known: {sorted(POS_RULES)})")
+    return POS_RULES[rule]
+
+
 def _clip_sources(t: dict, hints: dict) -> tuple[dict, dict]:
     w = _get(t, "visual.conv1.weight")
     if w.ndim != 4 or w.shape[1] != 3 or w.shape[2] != w.shape[3]:
@@ -99,7 +113,9 @@ def _clip_sources(t: dict, hints: dict) -> tuple[dict, dict]:
     cfg = dict(width=D, depth=depth, heads=heads, patch=P, grid=grid, mlp_hidden=hidden, registers=0,
                patch_bias=0, ln_pre=1, layerscale=0,
                activation=ACTIVATIONS[hints.get("activation") or "quick_gelu"],
-               pos_resize=POS_BILINEAR, ln_eps=float(hints.get("ln_eps") or 1e-5))
+               pos_resize=_pos_rule(hints, POS_BILINEAR), ln_eps=float(hints.get("ln_eps") or 1e-5))
+    if "pos_cubic_a" in hints:
+        cfg["pos_cubic_a"] = float(hints["pos_cubic_a"])
     src = {"patch.weight": "visual.conv1.weight", "cls": "visual.class_embedding",
            "pos": "visual.positional_embedding", "ln_pre.weight": "visual.ln_pre.weight",
            "ln_pre.bias": "visual.ln_pre.bias", "ln_post.weight": "visual.ln_post.weight",
@@ -140,8 +156,10 @@ def _dinov2_sources(t: dict, hints: dict) -> tuple[dict, dict]:
     cfg = dict(width=D, depth=depth, heads=heads, patch=P, grid=grid, mlp_hidden=hidden,
                registers=registers, patch_bias=1, ln_pre=0, layerscale=layerscale,
                activation=ACTIVATIONS[act],
-               pos_resize=POS_BICUBIC_AA if registers else POS_BICUBIC_SCALE,
+               pos_resize=_pos_rule(hints, POS_BICUBIC_AA if registers else POS_BICUBIC_SCALE),
                ln_eps=float(hints.get("ln_eps") or 1e-6))
+    if "pos_cubic_a" in hints:
+        cfg["pos_cubic_a"] = float(hints["pos_cubic_a"])
     src = {"patch.weight": "patch_embed.proj.weight", "patch.bias": "patch_embed.proj.bias",
            "cls": "cls_token", "pos": "pos_embed", "ln_post.weight": "norm.weight", "ln_post.bias": "norm.bias"}
     if registers:

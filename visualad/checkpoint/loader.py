@@ -15,6 +15,7 @@ from ..errors import CheckpointError
 from .files import read_file
 from .hf import apply_config, read_folder
 from .lazy import LazyTensor, to_float32
+from .onnx import looks_like_onnx
 from .naming import canonicalize
 from .unpickler import TypedStorage
 from .validate import check_tower
@@ -38,18 +39,23 @@ class BackboneWeights:
     arch: dict = field(default_factory=dict)
 
 
-def _open_source(source) -> tuple[Mapping, str, dict | None, dict, str]:
-    """``(tensors, format, config, numbers, where)`` of a path or a dict of arrays."""
+def _open_source(source) -> tuple[Mapping, str, dict | None, dict, str, dict]:
+    """``(tensors, format, config, numbers, where, hints)`` of a path or a dict of arrays; hints are
+    what an ONNX graph says about its tower (eps, activation, heads, position rule)."""
     if isinstance(source, Mapping):
-        return {str(k): v for k, v in source.items()}, "dict", None, {}, "dict"
+        return {str(k): v for k, v in source.items()}, "dict", None, {}, "dict", {}
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"backbone must be a path or a dict of arrays, got {type(source).__name__}")
     path = os.fspath(source)
     if os.path.isdir(path):
         tensors, fmt, config = read_folder(path)
-        return tensors, "hf" if config is not None else fmt, config, {}, path
+        return tensors, "hf" if config is not None else fmt, config, {}, path, {}
+    if looks_like_onnx(path):
+        from .onnx import read_onnx  # needs the optional 'onnx' package
+        tower = read_onnx(path)
+        return tower.tensors, "onnx", None, {}, path, tower.hints
     contents = read_file(path)
-    return contents.tensors(), contents.format, None, contents.numbers, path
+    return contents.tensors(), contents.format, None, contents.numbers, path, {}
 
 
 def load_backbone(source) -> BackboneWeights:
@@ -62,7 +68,7 @@ def load_backbone(source) -> BackboneWeights:
     it) unless its config says otherwise. Raises :class:`CheckpointError` for unsafe, corrupt or
     inconsistent inputs.
     """
-    tensors, fmt, config, numbers, where = _open_source(source)
+    tensors, fmt, config, numbers, where, graph_hints = _open_source(source)
     canon = canonicalize(tensors, where, numbers)
     arch = check_tower(canon.family, canon.tensors, where)
     if canon.family == "clip":
@@ -75,6 +81,7 @@ def load_backbone(source) -> BackboneWeights:
         hints["heads"] = canon.heads
     if config is not None:
         apply_config(config, canon.family, arch, hints, where)
+    hints.update(graph_hints)
     hints.update(format=fmt, naming=canon.naming, source=where)
     weights = {}
     for name, value in canon.tensors.items():
