@@ -1,6 +1,7 @@
 """Long fuzzing campaigns of every reader and the image path (tests/fuzz).
 
     python benchmarks/fuzz.py --executions 1000000 --out /tmp/visualad-fuzz [--nice 10] [--seed 0]
+                              [--targets torch_zip,onnx,...]
 
 Seeds are written by the real libraries (torch, safetensors, transformers, Pillow, visualad) in a
 child process, so the fuzzing worker itself never imports torch. The campaign runs one worker
@@ -39,10 +40,17 @@ def main() -> int:
     parser.add_argument("--hours", type=float, default=12.0, help="stop after this long even if not done")
     parser.add_argument("--out", default="/tmp/visualad-fuzz")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--nice", type=int, default=10, help="niceness of the worker process")
+    parser.add_argument("--nice", type=int, default=10, help="niceness added for the worker process")
+    parser.add_argument("--targets", default="", help="comma-separated targets (default: all of tests/fuzz/targets.py)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     seeds = write_seeds(os.path.join(args.out, "seeds"))
+    if args.targets:
+        wanted = args.targets.split(",")
+        unknown = sorted(set(wanted) - set(seeds))
+        if unknown:
+            parser.error(f"unknown targets {unknown}; known: {sorted(seeds)}")
+        seeds = {name: paths for name, paths in seeds.items() if name in wanted}
     start = time.monotonic()
 
     def progress(s: dict) -> None:
