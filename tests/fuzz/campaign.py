@@ -113,14 +113,18 @@ def worker(seeds: dict, out_dir: str, scratch: str, executions: int, seconds: fl
     seen: set[str] = set()
     counts = {"executions": 0, "ok": 0, "project_errors": 0, "foreign": 0, "slow": 0, "memory": 0,
               "slow_wall": 0, "max_seconds": 0.0, "max_wall_seconds": 0.0, "max_peak_bytes": 0, "max_peak_ratio": 0.0, "peak_measured": _reset_peak(),
-              "per_target": {n: 0 for n in names}}
+              "mutation_fallbacks": 0, "per_target": {n: 0 for n in names}}
     current, last_path = os.path.join(scratch, "current"), None
     start = last = time.monotonic()
     while counts["executions"] < executions and time.monotonic() - start < seconds:
         name = names[counts["executions"] % len(names)]
         target = TARGETS[name]
         seed_path, data = rng.choice(corpus[name])
-        data = target.mutate(mutator, data, pool)
+        try:
+            data = target.mutate(mutator, data, pool)
+        except Exception:  # a mutation the structure-aware mutator could not express: plain bytes
+            counts["mutation_fallbacks"] += 1
+            data = mutator.bytes(data, pool)
         path, size = writer.write(target, seed_path, data, mutator)
         if path != last_path:  # the supervisor keeps this input if the worker dies on it
             os.replace(_write_link(writer.workdir, name, path), current)

@@ -135,7 +135,10 @@ class Mutator:
             return self.bytes(text)
         for _ in range(self.rng.choice((1, 1, 2, 3))):
             doc = self.json_value(doc)
-        out = json.dumps(doc, separators=(",", ":"))
+        try:
+            out = json.dumps(doc, separators=(",", ":"))
+        except (ValueError, RecursionError):  # a node duplicated into its own subtree
+            return self.bytes(text)
         if '"DEEP"' in out:
             out = out.replace('"DEEP"', "[" * self._depth + "]" * self._depth, 1)
         out = out.encode()
