@@ -1,8 +1,10 @@
 """One training step (batch 8: forward, backward through the frozen backbone, AdamW) in visualad vs
 the same step in PyTorch autograd on the CPU, same threads. Each side runs in its own process so
 that its peak RSS is its own. Prints median step times, the ratio ours / PyTorch, and peak RSS.
+--precision bf16 adds visualad in bf16 and PyTorch under torch.autocast('cpu', torch.bfloat16).
 
 Usage: python benchmarks/bench_train.py [--model B16-224|L14-518] [--batch 8] [--threads N] [--ours-only]
+       [--precision fp32|bf16]
 (ViT-L/14 at 518 with batch 8 does not fit PyTorch autograd in 24 GB: use --ours-only for it.)
 """
 from __future__ import annotations
@@ -36,11 +38,11 @@ def _setup(model, batch):
     return sd, head, layers, size, x, labels, masks
 
 
-def run_ours(model, batch, threads, steps):
+def run_ours(model, batch, threads, steps, bf16=False):
     import visualad
     sd, head, layers, size, x, labels, masks = _setup(model, batch)
     det = visualad.Detector(sd, head=head, image_size=size, layers=layers, num_threads=threads, batch_size=batch,
-                            epochs=1, dropout=0.1)
+                            epochs=1, dropout=0.1, precision="bf16" if bf16 else "fp32")
     det.fit(x, labels, masks)  # warm-up (loads the model, allocates the workspaces)
     times = []
     for _ in range(steps):
@@ -50,7 +52,7 @@ def run_ours(model, batch, threads, steps):
     return times
 
 
-def run_torch(model, batch, threads, steps):
+def run_torch(model, batch, threads, steps, bf16=False):
     import numpy as np
     import torch
     torch.set_num_threads(threads)
@@ -70,7 +72,9 @@ def run_torch(model, batch, threads, steps):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        feats, ta, tn = tower(xt, layers)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):  # the frozen tower only
+            feats, ta, tn = tower(xt, layers)
+        feats, ta, tn = [f.float() for f in feats], ta.float(), tn.float()
         losses = ref.visualad_head_losses(head_t, dict(zip(layers, feats)), ta, tn, yt, mt, layers, size,
                                           has_mask=torch.from_numpy(has.astype(bool)))
         losses["total"].backward()
@@ -85,10 +89,20 @@ def run_torch(model, batch, threads, steps):
     return times
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss it does not carry the parent's
+    peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args):
-    fn = run_ours if args.which == "ours" else run_torch
-    times = fn(args.model, args.batch, args.threads, args.steps)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fn = run_ours if args.which.startswith("ours") else run_torch
+    times = fn(args.model, args.batch, args.threads, args.steps, bf16=args.which.endswith("bf16"))
+    peak_mb = peak_rss_mb()
     print(json.dumps({"median_s": statistics.median(times), "peak_rss_mb": peak_mb}))
 
 
@@ -99,21 +113,30 @@ def main():
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--ours-only", action="store_true")
-    ap.add_argument("--which", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: also visualad bf16 and PyTorch autocast bf16")
+    ap.add_argument("--which", choices=("ours", "torch", "ours-bf16", "torch-bf16"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.which:
         return child(args)
     results = {}
-    for which in ("ours",) if args.ours_only else ("ours", "torch"):
+    sides = ["ours"] + ([] if args.ours_only else ["torch"])
+    if args.precision == "bf16":
+        sides += ["ours-bf16"] + ([] if args.ours_only else ["torch-bf16"])
+    for which in sides:
         cmd = [sys.executable, __file__, "--which", which, "--model", args.model, "--batch", str(args.batch),
                "--threads", str(args.threads), "--steps", str(args.steps)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[which] = json.loads(out)
     print(f"model {args.model}, batch {args.batch}, threads {args.threads}")
+    names = {"ours": "visualad fp32", "torch": "autograd fp32", "ours-bf16": "visualad bf16",
+             "torch-bf16": "autograd, autocast bf16"}
     for which, r in results.items():
-        print(f"  {which:5s}: step {r['median_s']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
-    if "torch" in results:
-        print(f"  ratio ours / torch: {results['ours']['median_s'] / results['torch']['median_s']:.2f}")
+        print(f"  {names[which]:24s}: step {r['median_s']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    for mine in ("ours", "ours-bf16"):
+        for ref in ("torch", "torch-bf16"):
+            if mine in results and ref in results:
+                print(f"  ratio {names[mine]} / {names[ref]}: {results[mine]['median_s'] / results[ref]['median_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,21 @@ def paired_medians(fn_a, fn_b, repeats, warmup=1):
     return statistics.median(ta), statistics.median(tb)
 
 
+def interleaved_medians(fns: dict, repeats, warmup=1) -> dict:
+    """Median wall time of every `fns[name]()`, the calls interleaved round-robin (a, b, c, a, b,
+    c, ...) after `warmup` rounds, so that a burst of load lands on every side alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _cpu_times():
     try:
         with open("/proc/stat") as f:

@@ -79,7 +79,7 @@ class ClipVisualADTower(nn.Module):
     def forward(self, x, layers):
         B = x.shape[0]
         x = self.conv1(x).flatten(2).transpose(1, 2)
-        g = int(round(x.shape[1] ** 0.5))
+        g = int(round(int(x.shape[1]) ** 0.5))  # int(): a constant when traced (ONNX export)
         pos = self.positional_embedding
         patch_pos = pos[1:]
         if g != self.grid:

@@ -10,6 +10,9 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include "attention_fused.h"
+#include "bf16_gemm.h"
+#include "cpu_features.h"
 #include "encode.h"
 #include "errors.h"
 #include "metrics.h"
@@ -239,6 +242,8 @@ static PyObject *py_vit_layout(PyObject *self, PyObject *arg) {
     return res;
 }
 
+static int parse_precision(const char *name);
+
 /* ================================================================== Backbone type */
 
 typedef struct {
@@ -261,10 +266,17 @@ static void Backbone_dealloc(BackboneObject *self) {
 }
 
 static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"config", "params", "num_threads", NULL};
+    static char *kwlist[] = {"config", "params", "num_threads", "precision", NULL};
     PyObject *config, *params;
     int nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O&", kwlist, &config, &params, thread_count, &nthreads)) return -1;
+    const char *prec_name = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O&s", kwlist, &config, &params, thread_count, &nthreads, &prec_name)) return -1;
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return -1;
+    if (vad_precision_check(precision)) {
+        raise_status(VAD_ERR_VALUE);
+        return -1;
+    }
     if (self->vit) {
         PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
         return -1;
@@ -285,6 +297,15 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
     if (!self->vit) {
         Py_DECREF(p);
         raise_status(VAD_ERR_MEMORY);
+        return -1;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = vad_vit_set_precision(self->vit, precision);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        Py_DECREF(p);
+        raise_status(rc);
         return -1;
     }
     self->encoder = vad_encoder_create(self->vit);
@@ -957,6 +978,212 @@ static PyObject *py_simd_gemm_active(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(vad_panel_simd_active());
 }
 
+/* ================================================================== precision and kernels */
+
+/* "fp32" / "bf16" -> enum vad_precision; -1 with an exception set. */
+static int parse_precision(const char *name) {
+    if (!strcmp(name, "fp32")) return VAD_FP32;
+    if (!strcmp(name, "bf16")) return VAD_BF16;
+    PyErr_Format(PyExc_ValueError, "precision must be 'fp32' or 'bf16', got '%s'", name);
+    return -1;
+}
+
+static int add_flag(PyObject *d, const char *key, int value) {
+    PyObject *v = PyBool_FromLong(value);
+    int rc = v ? PyDict_SetItemString(d, key, v) : -1;
+    Py_XDECREF(v);
+    return rc;
+}
+
+static PyObject *py_cpu_features(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    const vad_cpu_features *f = vad_cpu_features_get();
+    PyObject *d = PyDict_New();
+    if (!d || add_flag(d, "avx512f", f->avx512f) || add_flag(d, "avx512bw", f->avx512bw) ||
+        add_flag(d, "avx512bf16", f->avx512bf16) || add_flag(d, "amx_tile", f->amx_tile) ||
+        add_flag(d, "amx_bf16", f->amx_bf16) || add_flag(d, "amx_int8", f->amx_int8) ||
+        add_flag(d, "os_amx", f->os_amx) || add_flag(d, "amx_permitted", f->amx_permitted)) {
+        Py_XDECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+static PyObject *py_precision_kernel(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    int precision = parse_precision(name);
+    if (precision < 0) return NULL;
+    return PyUnicode_FromString(vad_kernel_name(vad_precision_kernel(precision)));
+}
+
+static PyObject *py_allow_bf16(PyObject *self, PyObject *arg) {
+    (void)self;
+    int allow = PyObject_IsTrue(arg);
+    if (allow < 0) return NULL;
+    return PyBool_FromLong(vad_precision_allow_bf16(allow));
+}
+
+static PyObject *py_set_fused_attention(PyObject *self, PyObject *arg) {
+    (void)self;
+    int enable = PyObject_IsTrue(arg);
+    if (enable < 0) return NULL;
+    return PyBool_FromLong(vad_attention_fused_set_fp32(enable));
+}
+
+/* The backbone's attention core on its own: qkv [B, T, 3D] -> out [B, T, D]. */
+static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"qkv", "heads", "precision", "num_threads", NULL};
+    PyObject *q_obj;
+    const char *prec_name = "fp32";
+    int heads, nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi|si", kwlist, &q_obj, &heads, &prec_name, &nthreads)) return NULL;
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return NULL;
+    if (vad_precision_check(precision)) return raise_status(VAD_ERR_VALUE);
+    if (nthreads < 1 || nthreads > 256 || heads < 1) {
+        PyErr_SetString(PyExc_ValueError, "need heads >= 1 and 1 <= num_threads <= 256");
+        return NULL;
+    }
+    PyArrayObject *q = as_float_array(q_obj, "qkv", 3);
+    if (!q) return NULL;
+    npy_intp B = PyArray_DIM(q, 0), T = PyArray_DIM(q, 1), D3 = PyArray_DIM(q, 2);
+    if (B < 1 || T < 1 || D3 < 3 || D3 % 3 || (D3 / 3) % heads || B * T * D3 > ((npy_intp)1 << 31)) {
+        PyErr_Format(PyExc_ValueError, "qkv must have shape (B, T, 3D) with D divisible by heads=%d, got (%zd, %zd, %zd)",
+                     heads, (Py_ssize_t)B, (Py_ssize_t)T, (Py_ssize_t)D3);
+        Py_DECREF(q);
+        return NULL;
+    }
+    if (!all_finite((const float *)PyArray_DATA(q), (size_t)PyArray_SIZE(q))) {
+        PyErr_SetString(PyExc_ValueError, "qkv contains NaN or Inf values");
+        Py_DECREF(q);
+        return NULL;
+    }
+    int D = (int)(D3 / 3);
+    npy_intp dims[3] = {B, T, D};
+    PyObject *out = new_float_array(3, dims);
+    int fused = vad_attention_fused_available(precision);
+    size_t n_scr = fused ? vad_attention_fused_scratch((int)T, D / heads, nthreads) : vad_attention_scratch((int)T, nthreads);
+    float *scratch = (float *)malloc(n_scr * sizeof(float));
+    vad_pool *pool = vad_pool_create(nthreads);
+    if (!out || !scratch || !pool) {
+        Py_XDECREF(out);
+        free(scratch);
+        vad_pool_free(pool);
+        Py_DECREF(q);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (fused)
+        vad_attention_fused(pool, (float *)PyArray_DATA((PyArrayObject *)out), (const float *)PyArray_DATA(q), scratch,
+                            (int)B, (int)T, D, heads, precision);
+    else
+        vad_attention(pool, (float *)PyArray_DATA((PyArrayObject *)out), (const float *)PyArray_DATA(q), scratch,
+                      (int)B, (int)T, D, heads);
+    Py_END_ALLOW_THREADS
+    vad_pool_free(pool);
+    free(scratch);
+    Py_DECREF(q);
+    return out;
+}
+
+/* The bf16 linear layer on its own: W [n_out, K] float32 is packed to bf16 panels here, then
+ * out (new, or given and accumulated) = act(bf16(x) bf16(W)^T + bias) with fp32 accumulation. */
+static PyObject *py_bf16_linear(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"x", "weight", "bias", "out", "activation", "num_threads", NULL};
+    PyObject *x_obj, *w_obj, *b_obj = Py_None, *o_obj = Py_None;
+    int act = -1, nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOii", kwlist, &x_obj, &w_obj, &b_obj, &o_obj, &act, &nthreads))
+        return NULL;
+    if (vad_precision_check(VAD_BF16)) return raise_status(VAD_ERR_VALUE);
+    if (act < -1 || act > VAD_ACT_GELU || nthreads < 1 || nthreads > 256) {
+        PyErr_SetString(PyExc_ValueError, "need activation in {-1, 0, 1}, 1 <= num_threads <= 256");
+        return NULL;
+    }
+    PyArrayObject *x = as_float_array(x_obj, "x", 2), *w = NULL, *b = NULL, *o = NULL;
+    PyObject *result = NULL;
+    vad_bf16 *packed = NULL, *abuf = NULL;
+    vad_pool *pool = NULL;
+    if (!x) return NULL;
+    if (!(w = as_float_array(w_obj, "weight", 2))) goto done;
+    npy_intp M = PyArray_DIM(x, 0), K = PyArray_DIM(x, 1), N = PyArray_DIM(w, 0);
+    if (M < 1 || K < 1 || N < 1 || PyArray_DIM(w, 1) != K || M > (1 << 24) || K > (1 << 20) || N > (1 << 20)) {
+        PyErr_Format(PyExc_ValueError, "x (M, K) and weight (N, K) need matching K >= 1, got (%zd, %zd) and (%zd, %zd)",
+                     (Py_ssize_t)M, (Py_ssize_t)K, (Py_ssize_t)N, (Py_ssize_t)PyArray_DIM(w, 1));
+        goto done;
+    }
+    if (b_obj != Py_None) {
+        if (!(b = as_float_array(b_obj, "bias", 1))) goto done;
+        if (PyArray_DIM(b, 0) != N) {
+            PyErr_Format(PyExc_ValueError, "bias has %zd values, expected %zd", (Py_ssize_t)PyArray_DIM(b, 0), (Py_ssize_t)N);
+            goto done;
+        }
+    }
+    float beta = 0.0f;
+    if (o_obj != Py_None) {
+        if (!PyArray_Check(o_obj) || PyArray_TYPE((PyArrayObject *)o_obj) != NPY_FLOAT32 ||
+            PyArray_NDIM((PyArrayObject *)o_obj) != 2 || PyArray_DIM((PyArrayObject *)o_obj, 0) != M ||
+            PyArray_DIM((PyArrayObject *)o_obj, 1) != N || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o_obj) ||
+            !PyArray_ISWRITEABLE((PyArrayObject *)o_obj)) {
+            PyErr_Format(PyExc_ValueError, "out must be a writeable C-contiguous float32 array of shape (%zd, %zd)",
+                         (Py_ssize_t)M, (Py_ssize_t)N);
+            goto done;
+        }
+        o = (PyArrayObject *)o_obj;
+        Py_INCREF(o);
+        beta = 1.0f;
+    } else {
+        npy_intp dims[2] = {M, N};
+        if (!(o = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto done;
+    }
+    packed = (vad_bf16 *)malloc(vad_bf16_panel_elems((int)N, (int)K) * sizeof(vad_bf16));
+    abuf = (vad_bf16 *)malloc(vad_bf16_input_elems((int)M, (int)K) * sizeof(vad_bf16));
+    pool = vad_pool_create(nthreads);
+    if (!packed || !abuf || !pool) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    vad_bf16_pack(packed, (const float *)PyArray_DATA(w), (int)N, (int)K, (size_t)K, 1);
+    vad_bf16_linear(pool, (float *)PyArray_DATA(o), (int)N, (const float *)PyArray_DATA(x), (int)K, packed,
+                    b ? (const float *)PyArray_DATA(b) : NULL, (int)M, (int)N, (int)K, beta, act, abuf);
+    Py_END_ALLOW_THREADS
+    result = (PyObject *)o;
+    o = NULL;
+done:
+    vad_pool_free(pool);
+    free(packed);
+    free(abuf);
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    Py_XDECREF(b);
+    Py_XDECREF(o);
+    return result;
+}
+
+static PyObject *py_bf16_gemm_seconds(PyObject *self, PyObject *args) {
+    (void)self;
+    int M, N, K, repeats, nthreads;
+    if (!PyArg_ParseTuple(args, "iiiii", &M, &N, &K, &repeats, &nthreads)) return NULL;
+    if (vad_precision_check(VAD_BF16)) return raise_status(VAD_ERR_VALUE);
+    if (M < 1 || N < 1 || K < 1 || M > 16384 || N > 16384 || K > 16384 || repeats < 1 || repeats > 1000 ||
+        nthreads < 1 || nthreads > 256) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= M, N, K <= 16384, 1 <= repeats <= 1000, 1 <= num_threads <= 256");
+        return NULL;
+    }
+    double best = -1.0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = vad_bf16_gemm_benchmark(M, N, K, repeats, nthreads, &best);
+    Py_END_ALLOW_THREADS
+    if (rc) return raise_status(rc);
+    return PyFloat_FromDouble(best);
+}
+
 /* ====== metrics (begin) */
 
 /* C-contiguous array of exactly the given NumPy type (visualad.metrics converts). New reference. */
@@ -1374,6 +1601,26 @@ static PyMethodDef module_methods[] = {
      "the CPU has it (the default), False sends them through BLAS sgemm panel by panel (process-wide)."},
     {"simd_gemm_active", py_simd_gemm_active, METH_NOARGS,
      "simd_gemm_active() -> True when the backbone's linear layers run on the AVX-512 kernel."},
+    {"cpu_features", py_cpu_features, METH_NOARGS,
+     "cpu_features() -> dict of the CPU / OS features the engine probed (CPUID, XGETBV, Linux AMX permission)."},
+    {"precision_kernel", py_precision_kernel, METH_VARARGS,
+     "precision_kernel('fp32' | 'bf16') -> the kernel family that precision runs on here ('none' if it cannot)."},
+    {"allow_bf16", py_allow_bf16, METH_O,
+     "allow_bf16(allow) -> previous: False makes the engine behave as on a CPU without AVX512-BF16 (bf16 is\n"
+     "then refused with the error such a CPU gives; process-wide, for tests); True (the default) as probed."},
+    {"set_fused_attention", py_set_fused_attention, METH_O,
+     "set_fused_attention(enable) -> previous: True (the default) runs fp32 attention on the fused AVX-512\n"
+     "kernel when the CPU has it, False on the per-head BLAS path (process-wide; for comparisons)."},
+    {"attention", (PyCFunction)(void (*)(void))py_attention, METH_VARARGS | METH_KEYWORDS,
+     "attention(qkv (B,T,3D) float32, heads, precision='fp32', num_threads=1) -> (B,T,D): softmax(q k^T /\n"
+     "sqrt(D/heads)) v per head, on the kernel the backbone uses for that precision."},
+    {"bf16_linear", (PyCFunction)(void (*)(void))py_bf16_linear, METH_VARARGS | METH_KEYWORDS,
+     "bf16_linear(x (M,K) float32, weight (N,K) float32, bias=None, out=None, activation=-1, num_threads=1)\n"
+     "-> out: act(bf16(x) bf16(weight)^T + bias (+ out, accumulated in place)), fp32 accumulation, on the\n"
+     "backbone's bf16 kernel (weight packed to bf16 panels first)."},
+    {"bf16_gemm_seconds", py_bf16_gemm_seconds, METH_VARARGS,
+     "bf16_gemm_seconds(M, N, K, repeats, num_threads) -> best wall time of one (M,K) x (K,N) bf16 linear\n"
+     "layer on pre-packed weights (the bf16 reference rate for benchmarks)."},
     {"head_layout", py_head_layout, METH_O,
      "head_layout(config) -> ([(name, shape, offset, panel), ...], total_floats): the head buffer layout\n"
      "(every panel is 0: row-major)."},

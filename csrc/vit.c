@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_fused.h"
+#include "cpu_features.h"
 #include "errors.h"
 #include "vad_limits.h"
 #include "ops.h"
@@ -164,6 +166,7 @@ oom:
 
 void vad_vit_free(vad_vit *m) {
     if (!m) return;
+    vad_vit_free_precision(m);
     vad_pool_free(m->pool);
     free(m->w.blocks);
     free(m->pos_patch);
@@ -191,6 +194,8 @@ int vad_vit_seq_len(const vad_vit *m, int S, int n_inserted) {
 /* ------------------------------------------------------------------ workspace */
 
 int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T) {
+    int rc = vad_vit_ensure_bf16_inputs(m, B * T);
+    if (rc) return rc;
     if (m->ws && m->ws_B == B && m->ws_S == S && m->ws_T == T) return VAD_OK;
     free(m->ws);
     m->ws = NULL;
@@ -200,6 +205,8 @@ int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T) {
     size_t n_x = BT * D, n_h = BT * D, n_proj = BT * D, n_qkv = BT * 3 * D, n_mlp = BT * fc1_out;
     size_t n_mlp2 = c->activation == VAD_ACT_SWIGLU ? BT * (size_t)c->mlp_hidden : 0;
     size_t n_scr = vad_attention_scratch(T, vad_pool_size(m->pool));
+    size_t n_fused = vad_attention_fused_scratch(T, c->width / c->heads, vad_pool_size(m->pool));
+    if (n_fused > n_scr) n_scr = n_fused;
     size_t n_cols = (size_t)B * g * g * 3 * c->patch * c->patch;
     /* the im2col buffer is only live before the first block: share it with the MLP buffer */
     size_t n_shared = n_mlp > n_cols ? n_mlp : n_cols;
@@ -301,13 +308,16 @@ void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *
     int D = c->width, BT = B * T;
     vad_pool *pool = m->pool;
     vad_layernorm(pool, m->h, D, x, D, bw->ln1_w, bw->ln1_b, BT, D, c->ln_eps);
-    vad_panel_linear(pool, m->qkv, 3 * D, m->h, D, bw->qkv_w, bw->qkv_b, BT, 3 * D, D, 0.0f, -1);
-    vad_attention(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads);
+    vad_vit_block_linear(m, bw, VAD_LIN_QKV, m->qkv, 3 * D, m->h, D, BT, 0.0f, -1);
+    if (vad_attention_fused_available(m->precision))
+        vad_attention_fused(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads, m->precision);
+    else
+        vad_attention(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads);
     if (bw->ls1) {
-        vad_panel_linear(pool, m->proj, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 0.0f, -1);
+        vad_vit_block_linear(m, bw, VAD_LIN_PROJ, m->proj, D, m->h, D, BT, 0.0f, -1);
         vad_residual_add(pool, x, m->proj, bw->ls1, BT, D);
     } else {
-        vad_panel_linear(pool, x, D, m->h, D, bw->proj_w, bw->proj_b, BT, D, D, 1.0f, -1);
+        vad_vit_block_linear(m, bw, VAD_LIN_PROJ, x, D, m->h, D, BT, 1.0f, -1);
     }
 }
 
@@ -316,7 +326,7 @@ void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, flo
     int D = c->width, BT = B * T;
     int fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * c->mlp_hidden : c->mlp_hidden;
     vad_layernorm(m->pool, m->h, D, x, D, bw->ln2_w, bw->ln2_b, BT, D, c->ln_eps);
-    vad_panel_linear(m->pool, f, fc1_out, m->h, D, bw->fc1_w, bw->fc1_b, BT, fc1_out, D, 0.0f, act);
+    vad_vit_block_linear(m, bw, VAD_LIN_FC1, f, fc1_out, m->h, D, BT, 0.0f, act);
 }
 
 static void mlp_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int B, int T) {
@@ -331,10 +341,10 @@ static void mlp_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int 
         hidden = m->mlp2;
     }
     if (bw->ls2) {
-        vad_panel_linear(pool, m->h, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 0.0f, -1);
+        vad_vit_block_linear(m, bw, VAD_LIN_FC2, m->h, D, hidden, Hm, BT, 0.0f, -1);
         vad_residual_add(pool, x, m->h, bw->ls2, BT, D);
     } else {
-        vad_panel_linear(pool, x, D, hidden, Hm, bw->fc2_w, bw->fc2_b, BT, D, Hm, 1.0f, -1);
+        vad_vit_block_linear(m, bw, VAD_LIN_FC2, x, D, hidden, Hm, BT, 1.0f, -1);
     }
 }
 
@@ -360,7 +370,7 @@ int vad_vit_forward(vad_vit *m, const float *images, int B, int S, const float *
     /* patch embedding: im2col + GEMM into h (as [B*N, D]) */
     im2col_ctx ic = {m->cols, images, S, P, g};
     vad_parallel_for(pool, (int64_t)B * N, 16, im2col_task, &ic);
-    vad_linear(pool, m->h, D, m->cols, 3 * P * P, m->w.patch_w, m->w.patch_b, B * N, D, 3 * P * P, 0.0f);
+    vad_vit_patch_linear(m, m->h, m->cols, B * N);
 
     embed_ctx ec = {m->x, m->h, inserted, m->w.cls, m->w.pos, m->pos_patch, m->w.registers,
                     T, D, n_inserted, c->n_registers, N};

@@ -59,6 +59,12 @@ typedef struct vad_vit vad_vit;
 
 vad_vit *vad_vit_create(const vad_vit_config *cfg, const float *params, int nthreads);
 void vad_vit_free(vad_vit *m);
+/* enum vad_precision (cpu_features.h). fp32 (the default): the weights as given. bf16: the blocks'
+ * linear weights and the patch embedding are packed to bf16 now (their input-gradient transposes on
+ * the first backward), products take bf16-rounded inputs with fp32 accumulation, attention runs the
+ * bf16 fused kernel; LayerNorm, softmax, activations and the residual stream stay fp32.
+ * VAD_ERR_VALUE naming the missing CPU feature when bf16 cannot run here. */
+int vad_vit_set_precision(vad_vit *m, int precision);
 const vad_vit_config *vad_vit_get_config(const vad_vit *m);
 const vad_vit_weights *vad_vit_get_weights(const vad_vit *m);
 vad_pool *vad_vit_pool(vad_vit *m);

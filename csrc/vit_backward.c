@@ -7,7 +7,6 @@
 
 #include "errors.h"
 #include "ops.h"
-#include "panel_gemm.h"
 #include "vit_internal.h"
 
 static int ensure_train_workspace(vad_vit *m, int B, int T) {
@@ -38,17 +37,11 @@ static int ensure_train_workspace(vad_vit *m, int B, int T) {
     return VAD_OK;
 }
 
-/* din[M, K] = dout[M, N] W for a block weight W[N, K] stored in panels. */
-static void linear_input_grad(vad_vit *m, float *din, const float *dout, const float *panels, int M, int N, int K) {
-    vad_panel_unpack(m->wtmp, panels, N, K);
-    vad_linear_backward_input(m->pool, din, K, dout, N, m->wtmp, M, N, K, 0.0f);
-}
-
 /* dy [B*T, D] holds dL/d(block output) on entry and dL/d(block input) on exit. */
 static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *x_in, float *dy, int B, int T) {
     const vad_vit_config *c = &m->cfg;
     int D = c->width, BT = B * T, Hm = c->mlp_hidden;
-    int swiglu = c->activation == VAD_ACT_SWIGLU, fc1_out = swiglu ? 2 * Hm : Hm;
+    int swiglu = c->activation == VAD_ACT_SWIGLU;
     vad_pool *pool = m->pool;
     int rc;
     /* recompute: x1 = x + attention part, qkv, and the MLP pre-activation f */
@@ -61,7 +54,7 @@ static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *
         for (size_t i = 0; i < (size_t)BT * D; i++) m->dtmp[i] = dy[i] * bw->ls2[i % D];
         dm = m->dtmp;
     }
-    linear_input_grad(m, m->dg, dm, bw->fc2_w, BT, D, Hm);
+    if ((rc = vad_vit_block_linear_input_grad(m, bw, VAD_LIN_FC2, m->dg, dm, BT))) return rc;
     float *df = m->dg;
     if (swiglu) {
         df = m->mlp; /* forward MLP buffer is free here and holds [BT, 2Hm] */
@@ -69,7 +62,7 @@ static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *
     } else {
         vad_activation_backward(pool, m->dg, m->f, (int64_t)BT * Hm, c->activation);
     }
-    linear_input_grad(m, m->dtmp, df, bw->fc1_w, BT, fc1_out, D);
+    if ((rc = vad_vit_block_linear_input_grad(m, bw, VAD_LIN_FC1, m->dtmp, df, BT))) return rc;
     memcpy(m->dx1, dy, (size_t)BT * D * sizeof(float));
     if ((rc = vad_layernorm_backward(pool, m->dx1, D, m->dtmp, D, m->x1, D, bw->ln2_w, NULL, NULL, BT, D, c->ln_eps)))
         return rc;
@@ -79,9 +72,9 @@ static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *
         for (size_t i = 0; i < (size_t)BT * D; i++) m->dtmp[i] = m->dx1[i] * bw->ls1[i % D];
         da = m->dtmp;
     }
-    linear_input_grad(m, m->h, da, bw->proj_w, BT, D, D);
+    if ((rc = vad_vit_block_linear_input_grad(m, bw, VAD_LIN_PROJ, m->h, da, BT))) return rc;
     vad_attention_backward(pool, m->dqkv, m->h, m->qkv, m->scratch2, B, T, D, c->heads);
-    linear_input_grad(m, m->dtmp, m->dqkv, bw->qkv_w, BT, 3 * D, D);
+    if ((rc = vad_vit_block_linear_input_grad(m, bw, VAD_LIN_QKV, m->dtmp, m->dqkv, BT))) return rc;
     memcpy(dy, m->dx1, (size_t)BT * D * sizeof(float));
     return vad_layernorm_backward(pool, dy, D, m->dtmp, D, x_in, D, bw->ln1_w, NULL, NULL, BT, D, c->ln_eps);
 }

@@ -3,12 +3,22 @@
 #ifndef VAD_VIT_INTERNAL_H
 #define VAD_VIT_INTERNAL_H
 
+#include "bf16.h"
 #include "vit.h"
+
+/* the four linear layers of a block */
+enum vad_block_linear { VAD_LIN_QKV = 0, VAD_LIN_PROJ = 1, VAD_LIN_FC1 = 2, VAD_LIN_FC2 = 3, VAD_LIN_COUNT = 4 };
 
 struct vad_vit {
     vad_vit_config cfg;
     const float *params;
     vad_vit_weights w;
+    int precision; /* enum vad_precision (vit_precision.c) */
+    /* bf16: the blocks' linear weights packed for the forward and (from the first backward) the
+     * input gradients, the patch embedding, and the rounded-input buffer of the products */
+    vad_bf16 *bf16_fwd, *bf16_bwd, *bf16_patch, *bf16_in;
+    vad_bf16 *(*bf16_fwd_slots)[VAD_LIN_COUNT], *(*bf16_bwd_slots)[VAD_LIN_COUNT];
+    size_t bf16_in_elems;
     vad_pool *pool;
     /* patch positions resized to the current grid */
     int pos_grid;
@@ -31,5 +41,18 @@ void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *
 /* f = act(fc1(LN2(x))) ([B*T, fc1 width]); act -1 keeps the pre-activation (the backward needs it),
  * else VAD_ACT_QUICK_GELU / VAD_ACT_GELU. */
 void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, float *f, int B, int T, int act);
+
+/* vit_precision.c: products on the kernels of the model's precision (bf16: after
+ * vad_vit_ensure_bf16_inputs for at least M rows, which vad_vit_ensure_workspace calls).
+ * C = act(A W^T + b (+ C when beta is 1)) for one of the block's linear layers (M rows). */
+int vad_vit_ensure_bf16_inputs(vad_vit *m, int rows);
+void vad_vit_block_linear(vad_vit *m, const vad_block_weights *bw, int which, float *C, int ldc, const float *A,
+                          int lda, int M, float beta, int act);
+/* din [M, K] = dout [M, N] W for the same layer. */
+int vad_vit_block_linear_input_grad(vad_vit *m, const vad_block_weights *bw, int which, float *din,
+                                    const float *dout, int M);
+/* The patch embedding: out [M, D] = cols [M, 3 P P] W^T + b. */
+void vad_vit_patch_linear(vad_vit *m, float *out, const float *cols, int M);
+void vad_vit_free_precision(vad_vit *m);
 
 #endif

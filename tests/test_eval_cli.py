@@ -177,7 +177,8 @@ def test_predict_scores_and_overlays(tmp_path, model, capsys):
     scores = np.array([float(r["score"]) for r in rows])
     np.testing.assert_array_equal(scores, independent_scores(det.anomaly_maps(images)))
     np.testing.assert_allclose(scores, det.anomaly_scores(images), rtol=0, atol=1e-6)
-    np.testing.assert_array_equal([int(r["prediction"]) for r in rows], det.predict(images))
+    # one label convention in every CSV: predicted_anomaly 1 = anomaly (Detector.predict's -1), 0 = normal
+    np.testing.assert_array_equal([int(r["predicted_anomaly"]) for r in rows], (det.predict(images) == -1).astype(int))
     overlays = [os.path.join(out, r["overlay"]) for r in rows]
     assert len(set(overlays)) == len(images)  # repeated stems (000.png in each defect folder) kept apart
     for path in overlays:

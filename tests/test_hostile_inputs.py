@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import visualad
+import visualad.savefile
 from visualad import _engine, limits, metrics
 from visualad.checkpoint import load_backbone, read_checkpoint
 from visualad.checkpoint.safetensors import read_safetensors, save_safetensors
@@ -300,7 +301,8 @@ def test_json_nested_100000_deep_is_a_checkpoint_error(tmp_path, trusted, where)
         arrays, metadata = read_safetensors(trusted[0]["detector"])
         path = str(tmp_path / "deep.safetensors")
         save_safetensors(path, arrays, {"visualad": deep})
-        _raises_checkpoint_error(lambda: visualad.Detector.load(path), path, "nested too deeply")
+        _raises_checkpoint_error(lambda: visualad.savefile.read_file(path), path, "nested too deeply")
+        _raises_checkpoint_error(lambda: visualad.Detector.load(path), path)  # "not a visualad detector file"
 
 
 def test_int_too_large_to_print_is_reported(tmp_path):

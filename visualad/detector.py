@@ -4,14 +4,16 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 
 import numpy as np
 
 from . import _engine
 from .backbone import EngineBackbone, build_backbone
+from .engine_info import PRECISIONS
+from .errors import CheckpointError, UntrainedHeadWarning
 from .limits import MAX_IMAGE_SIDE, check_int, check_threads
 from .head import default_layers, head_engine_config, init_head, pack_head, validate_head
-from .errors import CheckpointError
 from .preprocess import ImageSource
 from .progress import Progress
 
@@ -46,6 +48,29 @@ def _load_head(spec, width: int) -> dict | None:
     return validate_head(spec, width)
 
 
+PAPER_IMAGE_SIZE = 518
+LN_POST_CHOICES = ("head", "backbone")
+MISSING_MASK_CHOICES = ("skip", "zeros")
+
+
+def default_image_size(bb: EngineBackbone) -> int:
+    """The paper's S = 518 where the backbone's patch divides it, else the backbone's native size."""
+    patch = bb.config["patch"]
+    return PAPER_IMAGE_SIZE if PAPER_IMAGE_SIZE % patch == 0 else patch * bb.config["grid"]
+
+
+def _layer_list(layers) -> list[int]:
+    """``layers`` as a list of ints; a bare int is refused because it reads both as "layer 2" and as
+    "two layers"."""
+    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        raise TypeError(f"layers must be a list of 1-based block indices, e.g. [{int(layers)}] for block "
+                        f"{int(layers)}; got the int {int(layers)}")
+    try:
+        return [check_int(l, "layers[i]") for l in layers]  # 1.7 is refused, not read as 1
+    except TypeError:
+        raise TypeError(f"layers must be a list of 1-based block indices, got {type(layers).__name__}") from None
+
+
 class Detector:
     """VisualAD anomaly detector: a frozen ViT backbone plus the learned VisualAD head.
 
@@ -58,18 +83,25 @@ class Detector:
         A VisualAD head (official ``CLIP.pth`` layout or a dict in that layout). None: a fresh
         head initialised from ``random_state``.
     image_size : int, optional
-        Input side S (default: the head's ``image_size``, else 518). Must be divisible by the patch.
+        Input side S (default: the head's ``image_size``, else the paper's 518 where the backbone's
+        patch divides it, else the backbone's native size). Must be divisible by the patch.
     layers : list of int, optional
-        1-based block indices (default: the head's ``features_list``, else 4 evenly spaced).
+        1-based block indices (default: the head's ``features_list``, else 4 evenly spaced). A bare
+        int is a TypeError (say ``[2]`` for block 2).
     sigma : float
         Gaussian filter on the final map (0 disables).
     topk_ratio : float
         Image score = mean of the top ``ceil(S*S*topk_ratio)`` map values.
     threshold : float
-        Decision threshold on ``anomaly_scores``.
+        Decision threshold on ``anomaly_scores`` (:meth:`calibrate` sets it from normal images).
     num_threads : int, optional
         Threads for the C engine (None = all usable cores). Larger values are capped at the usable
         cores; values above ``visualad.limits.MAX_THREADS`` (256) are refused.
+    precision : {"fp32", "bf16"}
+        Arithmetic of the backbone. "fp32" (the default) is the parity-tested path. "bf16" runs the
+        backbone's products with bf16 inputs and fp32 accumulation on the CPU's bf16 instructions
+        (AVX512-BF16; refused with an error naming the feature where the CPU lacks it); the head,
+        LayerNorm, softmax and the residual stream stay fp32. See :func:`visualad.engine_info`.
     random_state : int
         Seed for fresh heads and training.
     batch_size : int
@@ -78,11 +110,21 @@ class Detector:
         Show progress bars on long runs.
     epochs, learning_rate, head_learning_rate, dropout :
         Training hyper-parameters used by :meth:`fit` (SPEC §3 defaults).
+    ln_post : {"head", "backbone"}
+        Which final LayerNorm makes the features: ``"head"`` (default) the trained one stored in the
+        head, as the method trains it; ``"backbone"`` the backbone's own, as the official test script
+        runs (it never restores the trained ln_post, so its maps differ from ours by up to about 0.12).
+        Inference only: :meth:`fit` always trains the head's.
+    missing_mask : {"skip", "zeros"}
+        Training on a defective image given without a mask: ``"skip"`` (default) leaves it out of the
+        segmentation loss (it still counts in the classification and contrastive terms); ``"zeros"``
+        gives it an all-zero mask, as the official data loader does.
     """
 
     def __init__(self, backbone, head=None, *, image_size=None, layers=None, sigma=4.0, topk_ratio=0.01,
                  threshold=0.0, num_threads=None, random_state=111, batch_size=8, progress=False,
-                 epochs=1, learning_rate=1e-3, head_learning_rate=1e-4, dropout=0.1):
+                 epochs=1, learning_rate=1e-3, head_learning_rate=1e-4, dropout=0.1, ln_post="head",
+                 missing_mask="skip", precision="fp32"):
         self.backbone = backbone
         self.head = head
         self.image_size = image_size
@@ -98,6 +140,24 @@ class Detector:
         self.learning_rate = learning_rate
         self.head_learning_rate = head_learning_rate
         self.dropout = dropout
+        self.precision = precision
+        self.ln_post = ln_post
+        self.missing_mask = missing_mask
+
+    @classmethod
+    def default(cls, **params) -> "Detector":
+        """The embedded default model (``--backbone default`` on the command line): a tiny
+        CLIP-architecture ViT with seeded random weights and a head trained on synthetic defects
+        (see :mod:`visualad.demo`). It runs offline and shows the pipeline end to end; real-world
+        accuracy needs real weights. ``params`` override its stored settings."""
+        from .demo import DEFAULT_MODEL
+        from .savefile import read_file
+        if not os.path.exists(DEFAULT_MODEL):
+            raise FileNotFoundError(f"the embedded default model is missing: {DEFAULT_MODEL}")
+        settings = {k: v for k, v in read_file(DEFAULT_MODEL)[3].items()
+                    if k in cls._get_param_names() and k not in ("num_threads", "progress")}
+        settings.update(params)
+        return cls(DEFAULT_MODEL, **settings)
 
     # ------------------------------------------------------------------ scikit-learn protocol
     @classmethod
@@ -125,6 +185,11 @@ class Detector:
         """num_threads resolved: None = every usable core; capped at the cores and MAX_THREADS."""
         return check_threads(self.num_threads)
 
+    def _precision(self) -> str:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        return self.precision
+
     def _model(self):
         """Loads the backbone, engine and head once; each is rebuilt only when what it depends on
         changes (a trained ``head_`` survives e.g. a new ``num_threads``)."""
@@ -132,9 +197,10 @@ class Detector:
             self._backbone_, self._stored_head = _load_backbone(self.backbone)
             self._backbone_id = id(self.backbone)
             self._engine_key = self._head_src = None
-        engine_key = (self._backbone_id, self._threads())
+        engine_key = (self._backbone_id, self._threads(), self._precision())
         if self._engine_key != engine_key:
-            self._engine_ = _engine.Backbone(self._backbone_.config, self._backbone_.params, self._threads())
+            self._engine_ = _engine.Backbone(self._backbone_.config, self._backbone_.params, self._threads(),
+                                             self._precision())
             self._engine_key = engine_key
         if self._head_src != id(self.head) or getattr(self, "head_", None) is None:
             self._reset_head()
@@ -145,19 +211,21 @@ class Detector:
         fresh seeded head."""
         head = _load_head(self.head if self.head is not None else self._stored_head, self._backbone_.width)
         self.head_ = head if head is not None else self._fresh_head(self._backbone_)
+        self._untrained_head = head is None  # until fit() trains it
         self._head_src = id(self.head)
         self._head_version = getattr(self, "_head_version", 0) + 1
 
     def _fresh_head(self, bb: EngineBackbone) -> dict:
-        layers = self.layers if self.layers is not None else default_layers(bb.depth)
-        size = check_int(self.image_size if self.image_size is not None else 518, "image_size", 1, MAX_IMAGE_SIDE)
+        layers = _layer_list(self.layers) if self.layers is not None else default_layers(bb.depth)
+        size = check_int(self.image_size if self.image_size is not None else default_image_size(bb), "image_size", 1,
+                         MAX_IMAGE_SIDE)
         layers = [check_int(l, "layers[i]", 1, bb.depth) for l in layers]
         return init_head(bb.width, layers, bb.default_ln_post, size, self.random_state)
 
     def _settings(self):
         """Resolved (image_size, layers) after the model is loaded, validated."""
         bb = self._backbone_
-        size = self.image_size if self.image_size is not None else self.head_.get("image_size", 518)
+        size = self.image_size if self.image_size is not None else self.head_.get("image_size", default_image_size(bb))
         size = check_int(size, "image_size", 1, MAX_IMAGE_SIDE)
         patch = bb.config["patch"]
         if size % patch:
@@ -165,15 +233,21 @@ class Detector:
         layers = self.layers if self.layers is not None else self.head_.get("features_list")
         if layers is None:
             layers = default_layers(bb.depth)
-        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-            raise TypeError(f"layers must be a list of ints, got {type(layers).__name__}")
-        layers = [check_int(l, "layers[i]") for l in layers]
+        layers = _layer_list(layers)
         if not layers:
             raise ValueError("layers must not be empty")
         for l in layers:
             if not 1 <= l <= bb.depth:
                 raise ValueError(f"layer {l} is outside 1..{bb.depth} for this backbone")
         return size, layers
+
+    def _ln_post(self) -> tuple:
+        """(weight, bias) of the final LayerNorm chosen by the ``ln_post`` parameter."""
+        if self.ln_post == "head":
+            return self.head_["ln_post_weight"], self.head_["ln_post_bias"]
+        if self.ln_post == "backbone":
+            return self._backbone_.default_ln_post
+        raise ValueError(f"ln_post must be one of {', '.join(map(repr, LN_POST_CHOICES))}, got {self.ln_post!r}")
 
     def _source(self, X, size):
         bb = self._backbone_
@@ -194,13 +268,14 @@ class Detector:
         src = self._source(X, size)
         head = self.head_
         tokens = np.stack([head["anomaly_token"], head["normal_token"]])
+        ln_post = self._ln_post()
         n = len(src)
         out_layers = {l: None for l in layers}
         ta_all, tn_all = [], []
         feats_parts = {l: [] for l in layers}
         with Progress(n, "encode", self.progress and n > 1) as bar:
             for _, batch in src.batches(self._batch_size()):
-                feats, ta, tn = engine.encode(batch, layers, tokens, head["ln_post_weight"], head["ln_post_bias"])
+                feats, ta, tn = engine.encode(batch, layers, tokens, *ln_post)
                 for l, f in zip(layers, feats):
                     feats_parts[l].append(f)
                 ta_all.append(ta)
@@ -240,6 +315,11 @@ class Detector:
     def _train_setup(self, X, y, masks, fresh_start: bool):
         from .training import HeadBuffers, check_labels
         engine = self._model()
+        if self.ln_post != "head":
+            raise ValueError(f"training trains the head's ln_post: use ln_post='head', not {self.ln_post!r}")
+        if self.missing_mask not in MISSING_MASK_CHOICES:
+            raise ValueError(f"missing_mask must be one of {', '.join(map(repr, MISSING_MASK_CHOICES))}, "
+                             f"got {self.missing_mask!r}")
         if fresh_start:
             self._reset_head()  # fit starts from `head` if given, else from a fresh head
         size, layers = self._settings()
@@ -260,12 +340,12 @@ class Detector:
         d = float(dropout)
         if not 0.0 <= d < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        mask_arr, has_mask = batch_targets(labels, masks, np.arange(len(src)), size)
+        mask_arr, has_mask = batch_targets(labels, masks, np.arange(len(src)), size, self.missing_mask)
         losses = loss_and_grad(engine, buf, src.batch(0, len(src)), layers, labels, mask_arr, has_mask,
                                self._topk(size), d, int(self.random_state))
         return losses, buf.flat_gradients(self.head_, layers)
 
-    def fit(self, X, y, masks=None):
+    def fit(self, X, y, masks=None, *, checkpoint=None, resume=False, on_epoch=None):
         """Trains the head (starting from `head`, else a fresh seeded head) as SPEC §3 says.
 
         X: images in any accepted form; y: 0/1 labels; masks: None or one entry per image (None, a
@@ -274,9 +354,21 @@ class Detector:
         per epoch (eta_min 1e-4), t_a/t_n gradients clipped separately to norm 1, NaN steps skipped,
         ``dropout`` in SAF and SCA. Progress (running loss terms) with ``progress=True``. If
         interrupted, ``head_`` keeps the last completed step. Each call starts again from ``head``
-        (or a fresh head); ``loss_and_grad`` evaluates the current ``head_``. Returns self."""
+        (or a fresh head); ``loss_and_grad`` evaluates the current ``head_``. Returns self.
+
+        checkpoint : path, optional
+            A training-state file (``.npz``) written after every epoch: head, AdamW moments, step.
+        resume : bool
+            Continue from ``checkpoint`` after its last epoch; the result equals an uninterrupted
+            run. The state must come from the same images, layers and hyper-parameters.
+        on_epoch : callable, optional
+            ``on_epoch(detector, epoch)`` after each epoch (1-based count), with ``head_`` holding
+            that epoch's head (e.g. to save it)."""
         from .progress import Progress
-        from .training import adamw_update, batch_targets, epoch_lr, loss_and_grad, step_seed
+        from .training import (adamw_update, batch_targets, epoch_lr, load_training_state, loss_and_grad,
+                               save_training_state, step_seed)
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs the checkpoint path to resume from")
         engine, size, layers, src, labels, buf = self._train_setup(X, y, masks, fresh_start=True)
         epochs, bs = check_int(self.epochs, "epochs", 1), self._batch_size()
         d = float(self.dropout)
@@ -284,12 +376,34 @@ class Detector:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         topk, n = self._topk(size), len(src)
         rng = np.random.default_rng(self.random_state)
-        history, skipped = [], 0
+        history, skipped, first_epoch = [], 0, 0
         start_head = self.head_
         steps_per_epoch = (n + bs - 1) // bs
+        run = dict(n_images=n, labels=int(labels.sum()), layers=list(layers), image_size=size, epochs=epochs,
+                   batch_size=bs, learning_rate=float(self.learning_rate),
+                   head_learning_rate=float(self.head_learning_rate), dropout=d, random_state=int(self.random_state),
+                   missing_mask=self.missing_mask, head_floats=int(buf.params.size))
+        if resume:
+            first_epoch, history, skipped = load_training_state(checkpoint, buf, run)
+
+        def publish(epochs_done):
+            self.head_ = buf.to_official(start_head, layers)
+            self.head_["features_list"] = list(layers)
+            self.head_["image_size"] = size
+            self.head_["epoch"] = epochs_done
+            self._head_version = getattr(self, "_head_version", 0) + 1
+            self._untrained_head = False
+            self.training_history_ = history
+            self.n_skipped_steps_ = skipped
+
+        epochs_done = first_epoch
         try:
             with Progress(epochs * steps_per_epoch, "fit", bool(self.progress)) as bar:
+                bar.update(first_epoch * steps_per_epoch)
                 for epoch in range(epochs):
+                    if epoch < first_epoch:  # resumed: replay the shuffles of the epochs already done
+                        rng.permutation(n)
+                        continue
                     token_lr = epoch_lr(float(self.learning_rate), epoch, epochs)
                     head_lr = epoch_lr(float(self.head_learning_rate), epoch, epochs)
                     order = rng.permutation(n)
@@ -297,7 +411,7 @@ class Detector:
                     for step in range(steps_per_epoch):
                         idx = np.sort(order[step * bs:(step + 1) * bs])
                         batch = np.stack([src.batch(int(i), int(i) + 1)[0] for i in idx])
-                        mask_arr, has_mask = batch_targets(labels, masks, idx, size)
+                        mask_arr, has_mask = batch_targets(labels, masks, idx, size, self.missing_mask)
                         losses = loss_and_grad(engine, buf, batch, layers, labels[idx], mask_arr, has_mask,
                                                topk, d, step_seed(self.random_state, epoch, step))
                         if not all(math.isfinite(v) for v in losses.values()) or \
@@ -308,14 +422,14 @@ class Detector:
                             for k, v in losses.items():
                                 running[k] = 0.9 * running.get(k, v) + 0.1 * v
                         bar.update(1, **{k: running[k] for k in ("total", "cls", "seg", "contrastive") if k in running})
+                    epochs_done = epoch + 1
+                    if checkpoint is not None:
+                        save_training_state(checkpoint, buf, epochs_done, run, history, skipped)
+                    if on_epoch is not None:
+                        publish(epochs_done)
+                        on_epoch(self, epochs_done)
         finally:
-            self.head_ = buf.to_official(start_head, layers)
-            self.head_["features_list"] = list(layers)
-            self.head_["image_size"] = size
-            self.head_["epoch"] = epochs
-            self._head_version = getattr(self, "_head_version", 0) + 1
-            self.training_history_ = history
-            self.n_skipped_steps_ = skipped
+            publish(epochs_done)
         return self
 
     # ------------------------------------------------------------------ persistence
@@ -337,17 +451,28 @@ class Detector:
         settings = {k: v for k, v in self.get_params().items() if k not in ("backbone", "head")}
         size, layers = self._settings()
         settings.update(image_size=size, layers=layers)
+        if getattr(self, "calibration_", None) is not None:
+            settings["calibration"] = self.calibration_
         backbone_path = self.backbone if isinstance(self.backbone, (str, os.PathLike)) else None
         save_file(path, self._backbone_, self.head_, settings, backbone_path, include_backbone)
 
     @classmethod
     def load(cls, path, **overrides) -> "Detector":
         """A Detector from a file written by :meth:`save` (settings may be overridden)."""
-        from .savefile import read_file
-        backbone, backbone_path, head, settings = read_file(path)
-        settings = {k: v for k, v in settings.items() if k in cls._get_param_names()}
+        from .savefile import is_visualad_file, read_file
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"detector file not found: {path}")
+        if not is_visualad_file(path):
+            raise CheckpointError(f"{path} is not a visualad detector file (one written by Detector.save, visualad "
+                                  "train or visualad convert); to use a backbone checkpoint, give it to "
+                                  "Detector(backbone=...)")
+        backbone, backbone_path, head, stored = read_file(path)
+        settings = {k: v for k, v in stored.items() if k in cls._get_param_names()}
         settings.update(overrides)
-        return cls(backbone if backbone is not None else backbone_path, head=head, **settings)
+        det = cls(backbone if backbone is not None else backbone_path, head=head, **settings)
+        if stored.get("calibration") is not None and "threshold" not in overrides:
+            det.calibration_ = dict(stored["calibration"])
+        return det
 
     # ------------------------------------------------------------------ maps and scores
     def _head_engine(self, layers):
@@ -382,12 +507,17 @@ class Detector:
         src = self._source(X, size)
         head = self.head_
         tokens = np.stack([head["anomaly_token"], head["normal_token"]])
+        ln_post = self._ln_post()
+        if self._untrained_head:
+            warnings.warn("no trained head: these maps and scores come from a fresh, randomly initialised "
+                          "VisualAD head; give a trained one (head=..., --head, or a file written by train / "
+                          "convert / Detector.save)", UntrainedHeadWarning, stacklevel=3)
         n = len(src)
         maps = np.empty((n, size, size), np.float32) if keep_maps else None
         scores = np.empty(n, np.float32)
         with Progress(n, desc, bool(self.progress) and n > 1) as bar:
             for start, batch in src.batches(self._batch_size()):
-                feats, ta, tn = engine.encode(batch, layers, tokens, head["ln_post_weight"], head["ln_post_bias"])
+                feats, ta, tn = engine.encode(batch, layers, tokens, *ln_post)
                 final, sc, _, _ = head_engine.maps(feats, ta, tn, size, sigma, topk)
                 if keep_maps:
                     maps[start:start + len(batch)] = final
@@ -425,3 +555,41 @@ class Detector:
     def predict(self, X) -> np.ndarray:
         """-1 for anomalies, +1 for normal images."""
         return np.where(self.decision_function(X) < 0, -1, 1).astype(int)
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, normal_images, max_fpr=0.01) -> "Detector":
+        """Chooses ``threshold`` from images known to be normal: the smallest of their scores that
+        flags at most ``max_fpr`` of them (an image is flagged when its score exceeds the
+        threshold). Also records, in ``calibration_``, what :meth:`normalized_scores` and the
+        overlays' common colour scale use: the normal scores' minimum and the 1st / 99.9th
+        percentiles of the normal maps' pixels. Saved with :meth:`save`. Returns self."""
+        fpr = float(max_fpr)
+        if not 0.0 <= fpr < 1.0:
+            raise ValueError(f"max_fpr must be in [0, 1), got {max_fpr}")
+        maps, scores = self.maps_and_scores(normal_images)
+        if len(scores) < 2:
+            raise ValueError(f"calibrate needs at least 2 normal images, got {len(scores)}")
+        allowed = int(math.floor(fpr * len(scores) + 1e-9))  # images that may score above the threshold
+        threshold = float(np.sort(scores)[::-1][allowed])
+        lo, hi = (float(v) for v in np.percentile(maps, [1.0, 99.9]))
+        self.threshold = threshold
+        self.calibration_ = {"n_images": int(len(scores)), "max_fpr": fpr, "threshold": threshold,
+                             "score_min": float(scores.min()), "score_max": float(scores.max()),
+                             "map_range": [lo, hi]}
+        return self
+
+    def normalized_scores(self, X) -> np.ndarray:
+        """Image scores mapped to [0, 1] as anomalib users expect: 0.5 at ``threshold``, 0 at the
+        lowest calibration score, 1 at ``threshold + (threshold - that minimum)`` and above;
+        linear in between. Needs :meth:`calibrate` first."""
+        return self.normalize_scores(self.anomaly_scores(X))
+
+    def normalize_scores(self, scores) -> np.ndarray:
+        """:meth:`normalized_scores` for scores already computed (e.g. by :meth:`maps_and_scores`)."""
+        cal = getattr(self, "calibration_", None)
+        if cal is None:
+            raise ValueError("normalized scores need a calibration: call calibrate(normal_images) first")
+        t = float(self.threshold)
+        spread = max(t - cal["score_min"], 1e-12 * max(1.0, abs(t)))
+        z = 0.5 + 0.5 * (np.asarray(scores, np.float64) - t) / spread
+        return np.clip(z, 0.0, 1.0).astype(np.float32)

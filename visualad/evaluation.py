@@ -47,12 +47,13 @@ PIXEL_METRICS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "aupro", "aupro_anom
 IMAGE_METRICS = ("image_auroc", "image_f1_max", "image_ap")
 
 
-def class_metrics(labels, scores, masks=None, maps=None, num_threads=None) -> tuple[dict, list]:
+def class_metrics(labels, scores, masks=None, maps=None, num_threads=None, aupro_fpr="visualad") -> tuple[dict, list]:
     """The table's metrics for one class, in percent, and notes on what could not be computed.
 
     labels (N,) 0/1 and scores (N,) give the image metrics; masks (N, S, S) 0/1 and maps
     (N, S, S) the pixel metrics (None: no pixel ground truth). A metric that is undefined (one
-    label only, no defect pixel, a degenerate AUPRO curve) is NaN and explained in the notes."""
+    label only, no defect pixel, a degenerate AUPRO curve) is NaN and explained in the notes.
+    ``aupro_fpr`` is the FPR rule of :func:`visualad.metrics.aupro_anomalyclip`."""
     values = {name: math.nan for name in METRICS}
     notes = []
     labels = np.asarray(labels)
@@ -71,10 +72,11 @@ def class_metrics(labels, scores, masks=None, maps=None, num_threads=None) -> tu
             pixel = metrics.binary_metrics(masks, maps, num_threads=num_threads)
             values.update(pixel_auroc=pixel["auroc"], pixel_f1_max=pixel["f1_max"], pixel_ap=pixel["ap"],
                           aupro=metrics.aupro(masks, maps, num_threads=num_threads),
-                          aupro_anomalyclip=metrics.aupro_anomalyclip(masks, maps, num_threads=num_threads))
+                          aupro_anomalyclip=metrics.aupro_anomalyclip(masks, maps, fpr_rule=aupro_fpr,
+                                                                         num_threads=num_threads))
             if math.isnan(values["aupro_anomalyclip"]):
                 notes.append("aupro_anomalyclip undefined: degenerate curve (constant maps or < 2 thresholds "
-                             "below FPR 0.3)")
+                             "within FPR 0.3)")
     return {name: 100.0 * v for name, v in values.items()}, notes
 
 
@@ -95,6 +97,7 @@ class EvalReport:
 
     classes: list
     settings: dict
+    images: list = field(default_factory=list)  # (Item, image score) in evaluation order
 
     @property
     def mean(self) -> dict:
@@ -151,6 +154,17 @@ class EvalReport:
                 writer.writerow([r["class"], r["n_images"], r["n_anomalous"], *(repr(r[m]) for m in METRICS),
                                  "; ".join(r["notes"])])
 
+    def write_scores_csv(self, path, threshold: float) -> None:
+        """Per-image results: image, class, defect type, ``true_anomaly`` and ``predicted_anomaly``
+        (both 1 = anomalous, 0 = normal; predicted when the score exceeds ``threshold``), score."""
+        t = np.float32(threshold)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "class", "defect", "true_anomaly", "predicted_anomaly", "score"])
+            for item, score in self.images:
+                writer.writerow([item.image, item.cls_name, item.specie_name, item.label,
+                                 int(np.float32(score) > t), repr(float(score))])
+
     def write_json(self, path) -> None:
         """``{"settings", "metrics", "unit", "classes": [rows], "mean": row}``; undefined values are null."""
         rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
@@ -169,7 +183,16 @@ def _describe(value):
     return f"<{type(value).__name__}>"
 
 
-def _run_class(detector, items, progress, name, num_threads):
+def _describe_head(detector) -> str | None:
+    """What head the run used: the ``head`` argument, the one stored in the backbone file, or a fresh one."""
+    if detector.head is not None:
+        return _describe(detector.head)
+    if getattr(detector, "_stored_head", None) is not None:
+        return f"stored in {_describe(detector.backbone)}"
+    return f"fresh, untrained (random_state {detector.random_state})"
+
+
+def _run_class(detector, items, progress, name, num_threads, aupro_fpr, on_batch):
     """Maps of one class streamed into the class's arrays, then its metrics."""
     need_pixels = all(item.mask is not None for item in items if item.label)
     labels = np.array([item.label for item in items], np.uint8)
@@ -180,6 +203,8 @@ def _run_class(detector, items, progress, name, num_threads):
         chunk = items[start:start + batch]
         out, scores[start:start + len(chunk)] = detector.maps_and_scores([item.image for item in chunk])
         size = out.shape[-1]
+        if on_batch is not None:
+            on_batch(chunk, out, scores[start:start + len(chunk)])
         if need_pixels:
             if maps is None:
                 maps = np.empty((len(items), size, size), np.float32)
@@ -188,26 +213,34 @@ def _run_class(detector, items, progress, name, num_threads):
             for i, item in enumerate(chunk):
                 masks[start + i] = load_mask(item, size)
         progress.update(len(chunk), **{"class": name})
-    values, notes = class_metrics(labels, scores, masks, maps, num_threads)
+    values, notes = class_metrics(labels, scores, masks, maps, num_threads, aupro_fpr)
     if not need_pixels:
         missing = sum(1 for item in items if item.label and item.mask is None)
-        notes.append(f"pixel metrics skipped: {missing} anomalous image(s) have no mask")
-    return ClassResult(name, len(items), int(labels.sum()), values, notes), size
+        notes.append(f"pixel metrics not available: {missing} anomalous image(s) have no mask")
+    return ClassResult(name, len(items), int(labels.sum()), values, notes), size, scores
 
 
-def evaluate(detector, dataset: Dataset, *, progress: bool = False) -> EvalReport:
+def evaluate(detector, dataset: Dataset, *, progress: bool = False, aupro_fpr: str = "visualad",
+             on_batch=None) -> EvalReport:
     """Runs ``detector`` over every class of ``dataset`` (use :meth:`Dataset.select` for a subset).
 
     The detector's ``batch_size`` sets how many images run at once, its ``num_threads`` also
     drives the metrics, and image scores are the top-k mean of the maps with its ``topk_ratio``
-    (from :meth:`Detector.maps_and_scores`). Memory: see the module docstring."""
-    results, size = [], None
+    (from :meth:`Detector.maps_and_scores`). ``aupro_fpr``: the FPR rule of the AnomalyCLIP-family
+    AUPRO (``"visualad"``: FPR <= 0.3, ``"anomalyclip"``: < 0.3). ``on_batch(items, maps, scores)``
+    is called for every batch (e.g. to draw overlays). Memory: see the module docstring. The
+    report's settings record the image size, layers and head the run actually used."""
+    results, size, images = [], None, []
     with Progress(len(dataset), "eval", progress) as bar:
         for name in dataset.classes:
-            result, size = _run_class(detector, dataset.items_of(name), bar, name, detector.num_threads)
+            items = dataset.items_of(name)
+            result, size, scores = _run_class(detector, items, bar, name, detector.num_threads, aupro_fpr, on_batch)
             results.append(result)
+            images.extend(zip(items, (float(v) for v in scores)))
+    size, layers = detector._settings()
     settings = {"dataset": dataset.kind, "root": dataset.root, "split": dataset.split,
-                "backbone": _describe(detector.backbone), "head": _describe(detector.head),
-                "image_size": size, "layers": None if detector.layers is None else [int(l) for l in detector.layers],
-                "sigma": detector.sigma, "topk_ratio": detector.topk_ratio}
-    return EvalReport(results, settings)
+                "backbone": _describe(detector.backbone), "head": _describe_head(detector),
+                "image_size": size, "layers": [int(l) for l in layers], "ln_post": detector.ln_post,
+                "sigma": detector.sigma, "topk_ratio": detector.topk_ratio, "threshold": float(detector.threshold),
+                "aupro_fpr": aupro_fpr}
+    return EvalReport(results, settings, images)

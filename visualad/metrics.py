@@ -21,7 +21,11 @@ from .limits import check_threads
 __all__ = ["roc_auc", "average_precision", "f1_max", "binary_metrics", "aupro", "aupro_anomalyclip"]
 
 ANOMALYCLIP_STEPS = 200  # cal_pro_score(max_step=200)
-ANOMALYCLIP_FPR_BELOW = 0.3  # cal_pro_score(expect_fpr=0.3): keeps thresholds with FPR < 0.3
+ANOMALYCLIP_EXPECT_FPR = 0.3  # cal_pro_score(expect_fpr=0.3)
+#: which thresholds cal_pro_score keeps: VisualAD's release keeps FPR <= 0.3, AnomalyCLIP's FPR < 0.3.
+#: The engine keeps FPR < bound, and FPR <= 0.3 is exactly FPR < the next double above 0.3.
+AUPRO_FPR_RULES = {"visualad": float(np.nextafter(ANOMALYCLIP_EXPECT_FPR, 1.0)),
+                   "anomalyclip": ANOMALYCLIP_EXPECT_FPR}
 
 
 def _threads(num_threads):
@@ -149,7 +153,7 @@ def aupro(masks, maps, fpr_limit=0.3, *, num_threads=None):
     return _engine.aupro(m, a, fpr_limit, _threads(num_threads))
 
 
-def aupro_anomalyclip(masks, maps, *, num_threads=None):
+def aupro_anomalyclip(masks, maps, *, fpr_rule="visualad", num_threads=None):
     """AUPRO as AnomalyCLIP-family papers (VisualAD included) report it: ``cal_pro_score``.
 
     Reproduces the published evaluation code exactly, on exact counts:
@@ -160,16 +164,21 @@ def aupro_anomalyclip(masks, maps, *, num_threads=None):
     - regions: 8-connected components of each image's mask (``skimage.measure.label`` default);
     - per threshold: PRO = mean over all regions of all images of (positive pixels in the region /
       region area); FPR = positive normal pixels / normal pixels over all images;
-    - keep the thresholds with FPR < 0.3 (strictly, as the code does), rescale their FPRs to [0, 1]
-      by min-max, and integrate PRO over them with the trapezoid rule (``sklearn.metrics.auc``,
-      area taken positive).
+    - keep the thresholds within the FPR bound, rescale their FPRs to [0, 1] by min-max, and
+      integrate PRO over them with the trapezoid rule (``sklearn.metrics.auc``, area taken positive).
+
+    ``fpr_rule`` chooses the bound as the two releases write it: ``"visualad"`` (default, VisualAD's
+    own ``cal_pro_score``) keeps FPR <= 0.3, ``"anomalyclip"`` (AnomalyCLIP's) keeps FPR < 0.3. They
+    differ only when some threshold gives an FPR of exactly 0.3.
 
     Note the result is *not* normalised like :func:`aupro`: the x axis is stretched to [0, 1] from
-    whatever FPR range the 200 thresholds cover below 0.3.
+    whatever FPR range the 200 thresholds cover within 0.3.
 
     Returns NaN where the reference code fails or returns NaN: constant maps, fewer than two kept
     thresholds, or all kept FPRs equal. Raises ValueError like :func:`aupro` otherwise.
     """
+    if fpr_rule not in AUPRO_FPR_RULES:
+        raise ValueError(f"fpr_rule must be one of {', '.join(map(repr, AUPRO_FPR_RULES))}, got {fpr_rule!r}")
     m, a = _masks_maps(masks, maps)
     lo, hi = a.min(), a.max()
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -179,4 +188,4 @@ def aupro_anomalyclip(masks, maps, *, num_threads=None):
         thresholds = np.unique(np.arange(lo, hi, (hi - lo) / ANOMALYCLIP_STEPS).astype(np.float64))
     else:  # constant maps: no threshold range; one threshold gives the NaN of a degenerate curve
         thresholds = np.array([lo], dtype=np.float64)
-    return _engine.aupro_anomalyclip(m, a, thresholds, ANOMALYCLIP_FPR_BELOW, _threads(num_threads))
+    return _engine.aupro_anomalyclip(m, a, thresholds, AUPRO_FPR_RULES[fpr_rule], _threads(num_threads))

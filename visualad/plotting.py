@@ -1,4 +1,4 @@
-"""Anomaly-map overlays: the heatmap over the image, a colour bar, the score in the title.
+"""Anomaly-map overlays: the heatmap over the image, a colour bar, score and prediction in the title.
 
 matplotlib is needed only here and is imported when a function is called
 (``pip install matplotlib`` or ``pip install visualad[plot]``).
@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 
 from .datasets import preprocess_mask
-from .preprocess import open_image
+from .preprocess import open_image, resize_rgb
 
-__all__ = ["plot_overlay", "save_overlay"]
+__all__ = ["plot_overlay", "save_overlay", "map_range", "RunOverlays"]
 
 
 def _require_matplotlib():
@@ -28,7 +28,7 @@ def _require_matplotlib():
 
 
 def _image_rgb(image, size: int) -> np.ndarray:
-    """uint8 (S, S, 3): the image resized to the map's side with PIL bicubic (as the model sees it)."""
+    """uint8 (S, S, 3): the image resized to the map's side as the model sees it (preprocess.resize_rgb)."""
     if isinstance(image, (str, os.PathLike)):
         image = open_image(image)
     elif isinstance(image, np.ndarray):
@@ -38,7 +38,7 @@ def _image_rgb(image, size: int) -> np.ndarray:
         image = Image.fromarray(np.ascontiguousarray(image))
     elif not isinstance(image, Image.Image):
         raise TypeError(f"image must be a path, a PIL image or a uint8 array, got {type(image).__name__}")
-    return np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC))
+    return np.asarray(resize_rgb(image, size))
 
 
 def _mask_binary(mask, size: int) -> np.ndarray:
@@ -58,7 +58,7 @@ def _mask_binary(mask, size: int) -> np.ndarray:
 
 
 def plot_overlay(image, map, mask=None, score=None, ax=None, *, title=None, alpha=0.5, cmap="jet",
-                 vmin=None, vmax=None):
+                 vmin=None, vmax=None, prediction=None):
     """Draws an anomaly map over its image.
 
     image : path, PIL image or uint8 array; resized to the map's size S (PIL bicubic).
@@ -67,7 +67,11 @@ def plot_overlay(image, map, mask=None, score=None, ax=None, *, title=None, alph
     score : optional image score, shown in the title.
     ax : matplotlib Axes to draw on; None = a new pyplot figure.
     title : text before the score in the title (e.g. the file name).
-    alpha, cmap, vmin, vmax : heatmap opacity, colour map and colour range (default: the map's range).
+    alpha, cmap, vmin, vmax : heatmap opacity, colour map and colour range (default: the map's own
+        range, which makes any image look hot somewhere: give one range to every image compared,
+        e.g. :func:`map_range` of all their maps or the detector's ``calibration_["map_range"]``).
+    prediction : optional decision, shown after the score: -1 / True = "anomaly", +1 / False = "normal"
+        (``Detector.predict``'s convention, or a boolean "is anomalous").
 
     Returns the Axes.
     """
@@ -89,6 +93,9 @@ def plot_overlay(image, map, mask=None, score=None, ax=None, *, title=None, alph
     parts = [str(title)] if title else []
     if score is not None:
         parts.append(f"score {float(score):.4f}")
+    if prediction is not None:
+        anomalous = bool(prediction) if isinstance(prediction, (bool, np.bool_)) else int(prediction) == -1
+        parts.append("ANOMALY" if anomalous else "normal")
     if parts:
         ax.set_title("  ".join(parts))
     ax.set_axis_off()
@@ -108,3 +115,71 @@ def save_overlay(path, image, map, mask=None, score=None, *, dpi=100, **kwargs):
     plot_overlay(image, map, mask, score, ax=fig.add_subplot(), **kwargs)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def map_range(maps) -> tuple[float, float]:
+    """One colour range for a set of maps: the 1st and 99.9th percentiles of all their pixels."""
+    lo, hi = np.percentile(np.asarray(maps, np.float32), [1.0, 99.9])
+    return float(lo), float(hi)
+
+
+class RunOverlays:
+    """The overlays of one run, on one colour scale.
+
+    With ``vrange`` (e.g. a calibration's map range) or ``per_image=True`` each overlay is drawn when
+    it is added. Otherwise the scale is the run's: the lowest 1st and highest 99.9th percentile of the
+    maps' pixels; the maps (at most ``capacity``) wait in a memory-mapped temporary file in ``folder``,
+    not in memory, and are drawn by :meth:`close` (also after an error, so finished work is kept),
+    which then deletes that file. Use as a context manager."""
+
+    def __init__(self, folder, capacity: int, vrange=None, per_image: bool = False):
+        self.folder, self.capacity, self.per_image = os.fspath(folder), int(capacity), per_image
+        self.vrange = None if vrange is None else (float(vrange[0]), float(vrange[1]))
+        self.pending, self.lo, self.hi = [], np.inf, -np.inf
+        self._spool = None
+        os.makedirs(self.folder, exist_ok=True)
+
+    def add(self, name: str, image, amap, **kwargs) -> str:
+        """Queues or draws ``folder/name`` (kwargs: mask, score, prediction, title); returns its path."""
+        path = os.path.join(self.folder, name)
+        if self.per_image or self.vrange is not None:
+            vmin, vmax = (None, None) if self.per_image else self.vrange
+            save_overlay(path, image, amap, vmin=vmin, vmax=vmax, **kwargs)
+            return path
+        amap = np.asarray(amap, np.float32)
+        if self._spool is None:
+            import tempfile
+            fd, spool_path = tempfile.mkstemp(prefix=".visualad-maps-", suffix=".npy", dir=self.folder)
+            os.close(fd)
+            self._spool = np.lib.format.open_memmap(spool_path, mode="w+", dtype=np.float32,
+                                                    shape=(self.capacity,) + amap.shape)
+        if len(self.pending) >= self.capacity or amap.shape != self._spool.shape[1:]:
+            raise ValueError(f"RunOverlays holds {self.capacity} maps of shape {self._spool.shape[1:]}")
+        lo, hi = map_range(amap)
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self._spool[len(self.pending)] = amap
+        self.pending.append((path, image, kwargs))
+        return path
+
+    @property
+    def range(self):
+        """The colour range used (None when each image has its own)."""
+        return None if self.per_image else (self.vrange if self.vrange is not None else (self.lo, self.hi))
+
+    def close(self) -> None:
+        """Draws the queued overlays with the run's range and removes the temporary file."""
+        try:
+            for i, (path, image, kwargs) in enumerate(self.pending):
+                save_overlay(path, image, self._spool[i], vmin=self.lo, vmax=self.hi, **kwargs)
+        finally:
+            self.pending = []
+            if self._spool is not None:
+                spool_path, self._spool = self._spool.filename, None
+                if spool_path and os.path.exists(spool_path):
+                    os.unlink(spool_path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

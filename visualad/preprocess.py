@@ -1,7 +1,14 @@
 """Turning user inputs into normalised float32 batches (SPEC §1 preprocessing).
 
-decode -> RGB -> PIL bicubic resize to S x S -> /255 -> (x - mean) / std, all in float32 as
-torchvision's Resize + ToTensor + Normalize do on a PIL image."""
+decode -> PIL bicubic resize to S x S in the image's own mode -> RGB -> /255 -> (x - mean) / std,
+all in float32, in the order of the official pipeline (torchvision Resize, CenterCrop, then
+``convert('RGB')``, ToTensor, Normalize). Resizing before the conversion matters for palette images
+(PIL resizes those with nearest-neighbour), RGBA (resized with premultiplied alpha) and CMYK.
+
+Images with more than 8 bits per sample are scaled to 8 bits after the resize instead of being
+clipped (which turns any 16-bit picture white): 16-bit modes (``I;16*``) by 255/65535; 32-bit
+integer (``I``) and float (``F``) images by the range their values fit, 0..1 (float only), 0..255
+or 0..65535 (others are refused)."""
 from __future__ import annotations
 
 import os
@@ -27,12 +34,17 @@ def check_image_size(width: int, height: int, where) -> None:
                          f"{limits.MAX_IMAGE_PIXELS} (visualad.limits.MAX_IMAGE_PIXELS)")
 
 
+#: modes with more than 8 bits per sample and the value that maps to 255 (None: from the values)
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None, "F": None}
+
+
 def open_image(path) -> Image.Image:
+    """The decoded image in its own mode (converted by :func:`resize_rgb`, in the official order)."""
     try:
         with Image.open(path) as im:
             check_image_size(im.width, im.height, f"image {path}")
             im.load()
-            return im.convert("RGB")
+            return im.copy()
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
     except ValueError:
@@ -50,13 +62,40 @@ def _array_to_pil(arr: np.ndarray, where: str) -> Image.Image:
     if arr.ndim == 3 and arr.shape[2] == 3:
         return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
     if arr.ndim == 3 and arr.shape[2] == 4:
-        return Image.fromarray(np.ascontiguousarray(arr), mode="RGBA").convert("RGB")
+        return Image.fromarray(np.ascontiguousarray(arr), mode="RGBA")
     raise ValueError(f"{where}: expected shape (H, W, 3) or (H, W), got {arr.shape}")
+
+
+def _full_scale(im: Image.Image) -> float | None:
+    """The sample value that becomes 255 for a wide (> 8-bit) mode; None for 8-bit modes."""
+    if im.mode not in WIDE_MODES:
+        return None
+    if WIDE_MODES[im.mode] is not None:
+        return float(WIDE_MODES[im.mode])
+    lo, hi = im.getextrema()
+    for top in ((1.0,) if im.mode == "F" else ()) + (255.0, 65535.0):
+        if lo >= 0 and hi <= top:
+            return top
+    raise ValueError(f"cannot scale a mode-{im.mode} image with values in [{lo}, {hi}] to 8 bits: "
+                     "convert it to 8 or 16 bits per sample")
+
+
+def resize_rgb(im: Image.Image, size: int) -> Image.Image:
+    """The S x S RGB image the model sees: PIL bicubic resize in the image's own mode, then RGB
+    (wide modes scaled to 8 bits first, see the module docstring)."""
+    if im.width < 1 or im.height < 1:
+        raise ValueError(f"the image has no pixels ({im.width} x {im.height})")
+    scale = _full_scale(im)
+    im = im.resize((size, size), Image.BICUBIC)
+    if scale is not None:
+        values = np.asarray(im, dtype=np.float64) * (255.0 / scale)
+        im = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
 
 
 def normalize_pil(im: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """[3, S, S] float32 from one PIL image."""
-    im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+    im = resize_rgb(im, size)
     x = np.asarray(im, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
@@ -76,6 +115,10 @@ class ImageSource:
             self.prepared = np.ascontiguousarray(X)
             self.items = None
         elif isinstance(X, np.ndarray) and X.dtype == np.uint8 and X.ndim == 4:
+            self.items = list(X)
+        elif isinstance(X, np.ndarray) and (X.dtype == object or X.dtype.kind == "U"):
+            if X.ndim != 1:
+                raise ValueError(f"an array of paths or images must be 1-D, got shape {X.shape}")
             self.items = list(X)
         elif isinstance(X, np.ndarray):
             if X.ndim in (2, 3) and X.dtype == np.uint8:

@@ -1,8 +1,24 @@
-"""A minimal progress bar (tqdm when installed, a plain stderr line otherwise)."""
+"""A minimal progress bar (tqdm when installed, a plain stderr line otherwise).
+
+In Jupyter, tqdm's widget bar needs ipywidgets; without it tqdm warns "IProgress not found" and
+draws nothing useful, so the text bar is used there instead."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
+
+
+def tqdm_class():
+    """tqdm's notebook-aware bar when ipywidgets can draw it, else its text bar; None without tqdm."""
+    try:
+        if importlib.util.find_spec("ipywidgets") is not None:
+            from tqdm.auto import tqdm
+        else:
+            from tqdm.std import tqdm
+    except ImportError:
+        return None
+    return tqdm
 
 
 class Progress:
@@ -11,11 +27,8 @@ class Progress:
         self._bar = None
         self._t0 = time.perf_counter()
         if enabled:
-            try:
-                from tqdm.auto import tqdm
-                self._bar = tqdm(total=total, desc=desc, leave=True)
-            except ImportError:
-                self._bar = None
+            tqdm = tqdm_class()
+            self._bar = tqdm(total=total, desc=desc, leave=True) if tqdm is not None else None
 
     def update(self, n: int = 1, **postfix) -> None:
         self.n += n

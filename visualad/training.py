@@ -8,6 +8,7 @@ moves buffers between them. The head's parameters live in one float32 buffer lai
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -52,16 +53,17 @@ def _mask_image(m, i: int) -> Image.Image:
     return Image.fromarray((arr > 0).astype(np.uint8) * 255, mode="L")
 
 
-def batch_targets(labels: np.ndarray, masks, idx, size: int):
+def batch_targets(labels: np.ndarray, masks, idx, size: int, missing_mask: str = "skip"):
     """masks float32 (len(idx), S, S) in {0,1} and has_mask uint8 for the images `idx`.
 
     Each mask entry is None, a path, a PIL image or an array of any size (binarised > 0, resized
     to S x S with PIL bilinear, >= 128 anomalous). A good image without a mask counts as
-    all-normal; a defective one without a mask gets has_mask = 0 (it then contributes only to the
-    classification and contrastive terms)."""
+    all-normal; a defective one without a mask gets has_mask = 0 with ``missing_mask="skip"`` (it
+    then contributes only to the classification and contrastive terms), or an all-zero mask that
+    counts in the segmentation loss with ``missing_mask="zeros"`` (the official loader's rule)."""
     idx = np.asarray(idx)
     out = np.zeros((len(idx), size, size), np.float32)
-    has = (labels[idx] == 0).astype(np.uint8)
+    has = (labels[idx] == 0).astype(np.uint8) if missing_mask == "skip" else np.ones(len(idx), np.uint8)
     if masks is not None:
         for j, i in enumerate(idx):
             if masks[int(i)] is not None:
@@ -172,3 +174,52 @@ def epoch_lr(base: float, epoch: int, epochs: int) -> float:
 def step_seed(random_state: int, epoch: int, step: int) -> int:
     """The dropout seed of one step: distinct per step, reproducible from random_state."""
     return int(np.random.SeedSequence([int(random_state) & 0xFFFFFFFF, epoch, step]).generate_state(1, np.uint64)[0])
+
+
+# ------------------------------------------------------------------------ resumable training state
+
+HISTORY_KEYS = ("epoch", "total", "cls", "seg", "contrastive")
+
+
+def save_training_state(path, buffers: HeadBuffers, epochs_done: int, run: dict, history: list,
+                        skipped: int) -> None:
+    """Writes what resuming after ``epochs_done`` epochs needs (an ``.npz``, atomically): the packed
+    head, both AdamW moments, the step count, the loss history and ``run`` (the settings that must
+    match on resume)."""
+    from ._files import atomic_write
+    hist = np.array([[h[k] for k in HISTORY_KEYS] for h in history], np.float64).reshape(-1, len(HISTORY_KEYS))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, params=buffers.params, exp_avg=buffers.exp_avg, exp_avg_sq=buffers.exp_avg_sq,
+                     step=np.int64(buffers.step), epochs_done=np.int64(epochs_done), skipped=np.int64(skipped),
+                     history=hist, run=np.array(json.dumps(run, sort_keys=True)))
+    atomic_write(path, write)
+
+
+def load_training_state(path, buffers: HeadBuffers, run: dict) -> tuple[int, list, int]:
+    """Restores a state written by :func:`save_training_state` into ``buffers``; returns
+    (epochs_done, history, skipped). Refuses a state from another run (other images, layers,
+    hyper-parameters or head layout)."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+        saved_run = json.loads(str(state["run"]))
+        arrays = [state[k] for k in ("params", "exp_avg", "exp_avg_sq")]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"training state not found: {path} (nothing to resume)") from None
+    except Exception as exc:
+        raise ValueError(f"{path}: not a visualad training state ({exc})") from exc
+    if saved_run != json.loads(json.dumps(run, sort_keys=True)):
+        diff = sorted(k for k in set(saved_run) | set(run) if saved_run.get(k) != run.get(k))
+        raise ValueError(f"{path} comes from another training run (differs in {', '.join(diff)}); "
+                         "train without resuming to start again")
+    if any(a.dtype != np.float32 or a.shape != buffers.params.shape for a in arrays):
+        raise ValueError(f"{path}: its head buffers do not fit this head")
+    buffers.params[:], buffers.exp_avg[:], buffers.exp_avg_sq[:] = arrays
+    buffers.step = int(state["step"])
+    history = [dict(zip(HISTORY_KEYS, row)) for row in state["history"].tolist()]
+    for h in history:
+        h["epoch"] = int(h["epoch"])
+    return int(state["epochs_done"]), history, int(state["skipped"])
