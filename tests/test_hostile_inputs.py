@@ -128,6 +128,7 @@ def test_detector_file_with_out_of_range_sizes_is_refused(tmp_path, trusted, key
     (lambda m: m.__setitem__("settings", {"num_threads": 2 ** 40}), ["num_threads must be in"]),
     (lambda m: m.__setitem__("settings", {"threshold": float("nan")}), ["threshold must be a finite"]),
     (lambda m: m.__setitem__("settings", {"layers": [1.7]}), ["layers"]),
+    (lambda m: m.__setitem__("settings", {"precision": 7}), ["precision"]),
     (lambda m: m["settings"].__setitem__("layers", [99]), ["layers"]),
     (lambda m: m.__setitem__("head_info", "x"), ["head_info"]),
     (lambda m: m.__setitem__("family", ["clip"]), ["family"]),

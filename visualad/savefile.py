@@ -23,6 +23,7 @@ from ._files import atomic_write
 from .backbone import EngineBackbone, engine_backbone, new_params, read_tensor, write_tensor
 from .checkpoint.describe import describe
 from .checkpoint.safetensors import read_header, read_safetensors, save_safetensors
+from .engine_info import PRECISIONS
 from .errors import CheckpointError
 from .head import default_layers, head_engine_config, validate_head
 from .limits import MAX_DEPTH, MAX_IMAGE_SIDE, MAX_THREADS, check_int
@@ -91,6 +92,8 @@ def _check_settings(settings) -> dict:
             raise ValueError(f"setting layers must be a non-empty list of block indices, got {describe(layers)}")
         for layer in layers:
             check_int(layer, "setting layers[i]", 1, MAX_DEPTH)
+    if settings.get("precision") is not None and settings["precision"] not in PRECISIONS:
+        raise ValueError(f"setting precision must be one of {PRECISIONS}, got {describe(settings['precision'])}")
     if "progress" in settings and settings["progress"] not in (True, False, 0, 1):
         raise ValueError("setting progress must be true or false")
     return settings
