@@ -244,41 +244,28 @@ static PyObject *py_vit_layout(PyObject *self, PyObject *arg) {
 
 static int parse_precision(const char *name);
 
-/* ================================================================== Backbone type */
+/* ================================================================== BackboneModel type */
 
+/* The read-only model (configuration + weight pointers) over a float32 buffer it keeps alive;
+ * shared by every Backbone state made from it, across threads. */
 typedef struct {
     PyObject_HEAD
-    vad_vit *vit;
-    vad_encoder *encoder;
+    vad_vit_model *model;
     PyArrayObject *params; /* keeps the weight buffer alive */
-    PyObject *train_refs;  /* ln_post arrays of the last training forward (used by the backward) */
-    int train_layers, train_B, train_N;
-    PyThread_type_lock lock;
-} BackboneObject;
+} BackboneModelObject;
 
-static void Backbone_dealloc(BackboneObject *self) {
-    vad_encoder_free(self->encoder);
-    vad_vit_free(self->vit);
+static void BackboneModel_dealloc(BackboneModelObject *self) {
+    vad_vit_model_free(self->model);
     Py_XDECREF(self->params);
-    Py_XDECREF(self->train_refs);
-    if (self->lock) PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"config", "params", "num_threads", "precision", NULL};
+static int BackboneModel_init(BackboneModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "params", NULL};
     PyObject *config, *params;
-    int nthreads = 1;
-    const char *prec_name = "fp32";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O&s", kwlist, &config, &params, thread_count, &nthreads, &prec_name)) return -1;
-    int precision = parse_precision(prec_name);
-    if (precision < 0) return -1;
-    if (vad_precision_check(precision)) {
-        raise_status(VAD_ERR_VALUE);
-        return -1;
-    }
-    if (self->vit) {
-        PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &config, &params)) return -1;
+    if (self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "BackboneModel is already initialised");
         return -1;
     }
     vad_vit_config cfg;
@@ -293,9 +280,83 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
         Py_DECREF(p);
         return -1;
     }
-    self->vit = vad_vit_create(&cfg, (const float *)PyArray_DATA(p), nthreads);
-    if (!self->vit) {
+    self->model = vad_vit_model_create(&cfg, (const float *)PyArray_DATA(p));
+    if (!self->model) {
         Py_DECREF(p);
+        raise_status(VAD_ERR_MEMORY);
+        return -1;
+    }
+    self->params = p;
+    return 0;
+}
+
+static PyObject *BackboneModel_state(BackboneModelObject *self, PyObject *args, PyObject *kwds);
+
+static PyMethodDef BackboneModel_methods[] = {
+    {"state", (PyCFunction)(void (*)(void))BackboneModel_state, METH_VARARGS | METH_KEYWORDS,
+     "state(num_threads=1, precision='fp32') -> a new Backbone over this model (its own threads and\n"
+     "workspaces; the weights are shared, not copied; bf16 packs this state's own bf16 copies)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject BackboneModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "visualad._engine.BackboneModel",
+    .tp_basicsize = sizeof(BackboneModelObject),
+    .tp_dealloc = (destructor)BackboneModel_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "BackboneModel(config, params): a frozen ViT tower's configuration over a float32 weight buffer,\n"
+              "read-only and shared by the Backbone states made from it (state()), across threads.",
+    .tp_methods = BackboneModel_methods,
+    .tp_init = (initproc)BackboneModel_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ================================================================== Backbone type */
+
+/* One caller's state over a BackboneModel: thread pool, workspaces, the last training forward.
+ * A lock makes concurrent calls on one state wait for each other. */
+typedef struct {
+    PyObject_HEAD
+    vad_vit *vit;
+    vad_encoder *encoder;
+    BackboneModelObject *model; /* keeps the shared model alive */
+    PyObject *train_refs;       /* ln_post arrays of the last training forward (used by the backward) */
+    int train_layers, train_B, train_N;
+    PyThread_type_lock lock;
+} BackboneObject;
+
+static void Backbone_dealloc(BackboneObject *self) {
+    vad_encoder_free(self->encoder);
+    vad_vit_free(self->vit);
+    Py_XDECREF(self->model);
+    Py_XDECREF(self->train_refs);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Makes self a state over model (new reference taken) in a precision given by name. 0 or -1 with
+ * an exception set. */
+static int backbone_attach(BackboneObject *self, BackboneModelObject *model, int nthreads, const char *prec_name) {
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return -1;
+    if (vad_precision_check(precision)) {
+        raise_status(VAD_ERR_VALUE);
+        return -1;
+    }
+    if (self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "Backbone is already initialised");
+        return -1;
+    }
+    if (!model->model) {
+        PyErr_SetString(PyExc_RuntimeError, "BackboneModel is not initialised");
+        return -1;
+    }
+    if (nthreads < 1) nthreads = 1;
+    Py_INCREF(model);
+    self->model = model; /* before the state, which points into it */
+    self->vit = vad_vit_create(model->model, nthreads);
+    if (!self->vit) {
         raise_status(VAD_ERR_MEMORY);
         return -1;
     }
@@ -304,23 +365,35 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
     rc = vad_vit_set_precision(self->vit, precision);
     Py_END_ALLOW_THREADS
     if (rc) {
-        Py_DECREF(p);
         raise_status(rc);
         return -1;
     }
     self->encoder = vad_encoder_create(self->vit);
     self->lock = PyThread_allocate_lock();
     if (!self->encoder || !self->lock) {
-        Py_DECREF(p);
         PyErr_NoMemory();
         return -1;
     }
-    self->params = p;
     return 0;
 }
 
+/* Backbone(config, params, num_threads=1, precision="fp32"): a state over a private model of these weights. */
+static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "params", "num_threads", "precision", NULL};
+    PyObject *config, *params;
+    int nthreads = 1;
+    const char *prec_name = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O&s", kwlist, &config, &params, thread_count, &nthreads, &prec_name)) return -1;
+    if (parse_precision(prec_name) < 0) return -1; /* before the weights are looked at */
+    PyObject *model = PyObject_CallFunctionObjArgs((PyObject *)&BackboneModelType, config, params, NULL);
+    if (!model) return -1;
+    int rc = backbone_attach(self, (BackboneModelObject *)model, nthreads, prec_name);
+    Py_DECREF(model);
+    return rc;
+}
+
 static int check_ready(BackboneObject *self) {
-    if (!self->vit) {
+    if (!self->vit || !self->encoder || !self->lock) {
         PyErr_SetString(PyExc_RuntimeError, "Backbone is not initialised");
         return -1;
     }
@@ -587,11 +660,27 @@ static PyTypeObject BackboneType = {
     .tp_basicsize = sizeof(BackboneObject),
     .tp_dealloc = (destructor)Backbone_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Backbone(config, params, num_threads=1): a frozen ViT tower in C over a float32 weight buffer.",
+    .tp_doc = "Backbone(config, params, num_threads=1, precision='fp32'): a frozen ViT tower in C over a float32 weight buffer:\n"
+              "one caller's state (threads, workspaces) over a BackboneModel (BackboneModel.state() shares one).",
     .tp_methods = Backbone_methods,
     .tp_init = (initproc)Backbone_init,
     .tp_new = PyType_GenericNew,
 };
+
+static PyObject *BackboneModel_state(BackboneModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"num_threads", "precision", NULL};
+    int nthreads = 1;
+    const char *prec_name = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O&s", kwlist, thread_count, &nthreads, &prec_name)) return NULL;
+    BackboneObject *state = (BackboneObject *)PyType_GenericNew(&BackboneType, NULL, NULL);
+    if (!state) return NULL;
+    if (backbone_attach(state, self, nthreads, prec_name)) {
+        Py_DECREF(state);
+        return NULL;
+    }
+    return (PyObject *)state;
+}
+
 
 /* ================================================================== Head type */
 
@@ -1650,9 +1739,16 @@ static struct PyModuleDef engine_module = {
 
 PyMODINIT_FUNC PyInit__engine(void) {
     import_array();
-    if (PyType_Ready(&BackboneType) < 0 || PyType_Ready(&HeadType) < 0) return NULL;
+    if (PyType_Ready(&BackboneModelType) < 0 || PyType_Ready(&BackboneType) < 0 || PyType_Ready(&HeadType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&engine_module);
     if (!m) return NULL;
+    Py_INCREF(&BackboneModelType);
+    if (PyModule_AddObject(m, "BackboneModel", (PyObject *)&BackboneModelType) < 0) {
+        Py_DECREF(&BackboneModelType);
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&BackboneType);
     if (PyModule_AddObject(m, "Backbone", (PyObject *)&BackboneType) < 0) {
         Py_DECREF(&BackboneType);

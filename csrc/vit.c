@@ -145,50 +145,68 @@ int vad_vit_layout(const vad_vit_config *cfg, vad_tensor_entry *entries, int max
 
 /* ------------------------------------------------------------------ lifetime */
 
-vad_vit *vad_vit_create(const vad_vit_config *cfg, const float *params, int nthreads) {
+vad_vit_model *vad_vit_model_create(const vad_vit_config *cfg, const float *params) {
     if (vad_vit_config_check(cfg) != VAD_OK) return NULL;
-    vad_vit *m = (vad_vit *)calloc(1, sizeof(vad_vit));
-    if (!m) goto oom;
-    m->cfg = *cfg;
-    m->params = params;
-    m->w.blocks = (vad_block_weights *)calloc((size_t)cfg->depth, sizeof(vad_block_weights));
-    if (!m->w.blocks) goto oom;
+    vad_vit_model *model = (vad_vit_model *)calloc(1, sizeof(vad_vit_model));
+    if (model) model->w.blocks = (vad_block_weights *)calloc((size_t)cfg->depth, sizeof(vad_block_weights));
+    if (!model || !model->w.blocks) {
+        vad_vit_model_free(model);
+        vad_fail(VAD_ERR_MEMORY, "out of memory creating the backbone");
+        return NULL;
+    }
+    model->cfg = *cfg;
+    model->params = params;
     layout_builder lb = {NULL, 0, 0, 0, 0};
-    walk_layout(cfg, &lb, params, &m->w);
-    m->pool = vad_pool_create(nthreads);
-    if (!m->pool) goto oom;
+    walk_layout(cfg, &lb, params, &model->w);
+    return model;
+}
+
+void vad_vit_model_free(vad_vit_model *model) {
+    if (!model) return;
+    free(model->w.blocks);
+    free(model);
+}
+
+const vad_vit_config *vad_vit_model_config(const vad_vit_model *model) { return &model->cfg; }
+
+vad_vit *vad_vit_create(const vad_vit_model *model, int nthreads) {
+    vad_vit *m = (vad_vit *)calloc(1, sizeof(vad_vit));
+    if (m) {
+        m->model = model;
+        m->pool = vad_pool_create(nthreads);
+    }
+    if (!m || !m->pool) {
+        vad_vit_free(m);
+        vad_fail(VAD_ERR_MEMORY, "out of memory creating the backbone state");
+        return NULL;
+    }
     return m;
-oom:
-    vad_vit_free(m);
-    vad_fail(VAD_ERR_MEMORY, "out of memory creating the backbone");
-    return NULL;
 }
 
 void vad_vit_free(vad_vit *m) {
     if (!m) return;
     vad_vit_free_precision(m);
     vad_pool_free(m->pool);
-    free(m->w.blocks);
     free(m->pos_patch);
     free(m->ws);
     free(m->tws);
     free(m);
 }
 
-const vad_vit_config *vad_vit_get_config(const vad_vit *m) { return &m->cfg; }
-const vad_vit_weights *vad_vit_get_weights(const vad_vit *m) { return &m->w; }
+const vad_vit_config *vad_vit_get_config(const vad_vit *m) { return &m->model->cfg; }
 vad_pool *vad_vit_pool(vad_vit *m) { return m->pool; }
 
 int vad_vit_final_norm(vad_vit *m, const float *x, float *out, int rows) {
-    int D = m->cfg.width;
+    const vad_vit_config *c = &m->model->cfg;
+    const vad_vit_weights *w = &m->model->w;
     if (rows <= 0) return vad_fail(VAD_ERR_VALUE, "final norm: rows must be positive");
-    vad_layernorm(m->pool, out, D, x, D, m->w.ln_post_w, m->w.ln_post_b, rows, D, m->cfg.ln_eps);
+    vad_layernorm(m->pool, out, c->width, x, c->width, w->ln_post_w, w->ln_post_b, rows, c->width, c->ln_eps);
     return VAD_OK;
 }
 
 int vad_vit_seq_len(const vad_vit *m, int S, int n_inserted) {
-    int g = S / m->cfg.patch;
-    return n_inserted + 1 + m->cfg.n_registers + g * g;
+    int g = S / m->model->cfg.patch;
+    return n_inserted + 1 + m->model->cfg.n_registers + g * g;
 }
 
 /* ------------------------------------------------------------------ workspace */
@@ -199,7 +217,7 @@ int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T) {
     if (m->ws && m->ws_B == B && m->ws_S == S && m->ws_T == T) return VAD_OK;
     free(m->ws);
     m->ws = NULL;
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     size_t D = (size_t)c->width, BT = (size_t)B * T, g = (size_t)(S / c->patch);
     size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * (size_t)c->mlp_hidden : (size_t)c->mlp_hidden;
     size_t n_x = BT * D, n_h = BT * D, n_proj = BT * D, n_qkv = BT * 3 * D, n_mlp = BT * fc1_out;
@@ -234,10 +252,10 @@ int vad_vit_ensure_workspace(vad_vit *m, int B, int S, int T) {
 int vad_vit_ensure_positions(vad_vit *m, int g) {
     if (m->pos_patch && m->pos_grid == g) return VAD_OK;
     free(m->pos_patch);
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     m->pos_patch = (float *)malloc((size_t)g * g * c->width * sizeof(float));
     if (!m->pos_patch) return vad_fail(VAD_ERR_MEMORY, "out of memory resizing positions");
-    int rc = vad_resize_positions(m->pos_patch, m->w.pos + c->width, c->width, c->grid0, g, c->pos_resize,
+    int rc = vad_resize_positions(m->pos_patch, m->model->w.pos + c->width, c->width, c->grid0, g, c->pos_resize,
                                   c->pos_cubic_a);
     if (rc) {
         free(m->pos_patch);
@@ -304,7 +322,7 @@ static void embed_task(void *vctx, int64_t begin, int64_t end, int tid) {
 }
 
 void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int B, int T) {
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     int D = c->width, BT = B * T;
     vad_pool *pool = m->pool;
     vad_layernorm(pool, m->h, D, x, D, bw->ln1_w, bw->ln1_b, BT, D, c->ln_eps);
@@ -322,7 +340,7 @@ void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *
 }
 
 void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, float *f, int B, int T, int act) {
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     int D = c->width, BT = B * T;
     int fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * c->mlp_hidden : c->mlp_hidden;
     vad_layernorm(m->pool, m->h, D, x, D, bw->ln2_w, bw->ln2_b, BT, D, c->ln_eps);
@@ -330,7 +348,7 @@ void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, flo
 }
 
 static void mlp_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int B, int T) {
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     int D = c->width, BT = B * T, Hm = c->mlp_hidden;
     vad_pool *pool = m->pool;
     int swiglu = c->activation == VAD_ACT_SWIGLU;
@@ -351,7 +369,7 @@ static void mlp_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int 
 int vad_vit_forward(vad_vit *m, const float *images, int B, int S, const float *inserted,
                     int n_inserted, const int *layers, int n_layers, float *const *layer_out,
                     float *final_out) {
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     if (B <= 0 || S <= 0) return vad_fail(VAD_ERR_VALUE, "batch and image size must be positive");
     if (S % c->patch)
         return vad_fail(VAD_ERR_VALUE, "image side %d is not divisible by the patch size %d", S, c->patch);
@@ -366,22 +384,23 @@ int vad_vit_forward(vad_vit *m, const float *images, int B, int S, const float *
     if (rc) return rc;
     if ((rc = vad_vit_ensure_positions(m, g))) return rc;
     vad_pool *pool = m->pool;
+    const vad_vit_weights *w = &m->model->w;
 
     /* patch embedding: im2col + GEMM into h (as [B*N, D]) */
     im2col_ctx ic = {m->cols, images, S, P, g};
     vad_parallel_for(pool, (int64_t)B * N, 16, im2col_task, &ic);
     vad_vit_patch_linear(m, m->h, m->cols, B * N);
 
-    embed_ctx ec = {m->x, m->h, inserted, m->w.cls, m->w.pos, m->pos_patch, m->w.registers,
+    embed_ctx ec = {m->x, m->h, inserted, w->cls, w->pos, m->pos_patch, w->registers,
                     T, D, n_inserted, c->n_registers, N};
     vad_parallel_for(pool, (int64_t)B * T, 16, embed_task, &ec);
-    if (c->ln_pre) vad_layernorm(pool, m->x, D, m->x, D, m->w.ln_pre_w, m->w.ln_pre_b, B * T, D, c->ln_eps);
+    if (c->ln_pre) vad_layernorm(pool, m->x, D, m->x, D, w->ln_pre_w, w->ln_pre_b, B * T, D, c->ln_eps);
 
     size_t state = (size_t)B * T * D * sizeof(float);
     for (int l = 0; l <= c->depth; l++) {
         if (l > 0) {
-            vad_vit_attention_sublayer(m, &m->w.blocks[l - 1], m->x, B, T);
-            mlp_sublayer(m, &m->w.blocks[l - 1], m->x, B, T);
+            vad_vit_attention_sublayer(m, &w->blocks[l - 1], m->x, B, T);
+            mlp_sublayer(m, &w->blocks[l - 1], m->x, B, T);
         }
         for (int i = 0; i < n_layers; i++)
             if (layers[i] == l) memcpy(layer_out[i], m->x, state);

@@ -3,7 +3,12 @@
  * Sequence: [inserted_0 .. inserted_{k-1}, cls, registers, patches]. Inserted tokens and cls get
  * the class position; registers get none; patches get the (resized) patch positions.
  * Weights live in one float buffer owned by the caller (layout: vad_vit_layout; the block
- * linear weights are stored in column panels, see panel_gemm.h); the model keeps a pointer to it. A model is used by one thread at a time. */
+ * linear weights are stored in column panels, see panel_gemm.h).
+ *
+ * Model apart from state: a vad_vit_model is the configuration and the weight pointers into that
+ * buffer, read-only once created, so any number of states and threads share it (nothing is
+ * copied). A vad_vit is one caller's state over a model: its thread pool, the positions resized
+ * to the current grid and the workspaces; a state is used by one thread at a time. */
 #ifndef VAD_VIT_H
 #define VAD_VIT_H
 
@@ -55,9 +60,18 @@ int vad_vit_config_check(const vad_vit_config *cfg);
 /* Fills entries (if non-NULL, up to max) and returns the number of tensors; *total = floats. */
 int vad_vit_layout(const vad_vit_config *cfg, vad_tensor_entry *entries, int max, size_t *total);
 
+typedef struct vad_vit_model vad_vit_model;
 typedef struct vad_vit vad_vit;
 
-vad_vit *vad_vit_create(const vad_vit_config *cfg, const float *params, int nthreads);
+/* The read-only model over params (the caller keeps the buffer alive and unchanged while the
+ * model and its states exist). NULL with a message on a bad config or no memory. */
+vad_vit_model *vad_vit_model_create(const vad_vit_config *cfg, const float *params);
+void vad_vit_model_free(vad_vit_model *model);
+const vad_vit_config *vad_vit_model_config(const vad_vit_model *model);
+
+/* A state over a model (which must outlive it) with its own pool of nthreads threads; workspaces
+ * are allocated on first use per batch shape and reused. */
+vad_vit *vad_vit_create(const vad_vit_model *model, int nthreads);
 void vad_vit_free(vad_vit *m);
 /* enum vad_precision (cpu_features.h). fp32 (the default): the weights as given. bf16: the blocks'
  * linear weights and the patch embedding are packed to bf16 now (their input-gradient transposes on
@@ -66,7 +80,6 @@ void vad_vit_free(vad_vit *m);
  * VAD_ERR_VALUE naming the missing CPU feature when bf16 cannot run here. */
 int vad_vit_set_precision(vad_vit *m, int precision);
 const vad_vit_config *vad_vit_get_config(const vad_vit *m);
-const vad_vit_weights *vad_vit_get_weights(const vad_vit *m);
 vad_pool *vad_vit_pool(vad_vit *m);
 
 /* Runs the tower on images [B, 3, S, S] (already normalised).

@@ -12,7 +12,7 @@
 static int ensure_train_workspace(vad_vit *m, int B, int T) {
     if (m->tws && m->tws_B == B && m->tws_T == T) return VAD_OK;
     free(m->tws);
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     size_t D = (size_t)c->width, BT = (size_t)B * T, Hm = (size_t)c->mlp_hidden;
     size_t fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * Hm : Hm;
     size_t n_scr = vad_attention_backward_scratch(T, vad_pool_size(m->pool));
@@ -39,7 +39,7 @@ static int ensure_train_workspace(vad_vit *m, int B, int T) {
 
 /* dy [B*T, D] holds dL/d(block output) on entry and dL/d(block input) on exit. */
 static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *x_in, float *dy, int B, int T) {
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     int D = c->width, BT = B * T, Hm = c->mlp_hidden;
     int swiglu = c->activation == VAD_ACT_SWIGLU;
     vad_pool *pool = m->pool;
@@ -81,7 +81,8 @@ static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *
 
 int vad_vit_backward_inserted(vad_vit *m, const float *states, int B, int S, const float *inserted,
                               int n_inserted, float *dstate, const float *const *inject, float *dinserted) {
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
+    const vad_vit_weights *w = &m->model->w;
     if (n_inserted < 1 || !inserted) return vad_fail(VAD_ERR_VALUE, "the backward needs inserted tokens");
     if (S <= 0 || S % c->patch) return vad_fail(VAD_ERR_VALUE, "image side %d is not divisible by %d", S, c->patch);
     int D = c->width, T = vad_vit_seq_len(m, S, n_inserted);
@@ -89,7 +90,7 @@ int vad_vit_backward_inserted(vad_vit *m, const float *states, int B, int S, con
     int rc = vad_vit_ensure_workspace(m, B, S, T);
     if (rc || (rc = ensure_train_workspace(m, B, T))) return rc;
     for (int l = c->depth; l >= 1; l--) {
-        if ((rc = block_backward(m, &m->w.blocks[l - 1], states + (size_t)(l - 1) * state, dstate, B, T))) return rc;
+        if ((rc = block_backward(m, &w->blocks[l - 1], states + (size_t)(l - 1) * state, dstate, B, T))) return rc;
         if (inject && inject[l - 1])
             for (size_t i = 0; i < state; i++) dstate[i] += inject[l - 1][i];
     }
@@ -102,8 +103,8 @@ int vad_vit_backward_inserted(vad_vit *m, const float *states, int B, int S, con
             for (int k = 0; k < D; k++) sum[k] += dstate[((size_t)b * T + i) * D + k];
         float *dst = dinserted + (size_t)i * D;
         if (c->ln_pre) {
-            for (int k = 0; k < D; k++) e[k] = inserted[(size_t)i * D + k] + m->w.pos[k];
-            if ((rc = vad_layernorm_backward(NULL, dst, D, sum, D, e, D, m->w.ln_pre_w, NULL, NULL, 1, D, c->ln_eps)))
+            for (int k = 0; k < D; k++) e[k] = inserted[(size_t)i * D + k] + w->pos[k];
+            if ((rc = vad_layernorm_backward(NULL, dst, D, sum, D, e, D, w->ln_pre_w, NULL, NULL, 1, D, c->ln_eps)))
                 return rc;
         } else {
             for (int k = 0; k < D; k++) dst[k] += sum[k];

@@ -9,13 +9,18 @@
 /* the four linear layers of a block */
 enum vad_block_linear { VAD_LIN_QKV = 0, VAD_LIN_PROJ = 1, VAD_LIN_FC1 = 2, VAD_LIN_FC2 = 3, VAD_LIN_COUNT = 4 };
 
-struct vad_vit {
+struct vad_vit_model {
     vad_vit_config cfg;
     const float *params;
-    vad_vit_weights w;
+    vad_vit_weights w; /* pointers into params; w.blocks is owned by the model */
+};
+
+struct vad_vit {
+    const vad_vit_model *model; /* shared, read-only */
     int precision; /* enum vad_precision (vit_precision.c) */
     /* bf16: the blocks' linear weights packed for the forward and (from the first backward) the
-     * input gradients, the patch embedding, and the rounded-input buffer of the products */
+     * input gradients, the patch embedding, and the rounded-input buffer of the products (this
+     * state's own copies) */
     vad_bf16 *bf16_fwd, *bf16_bwd, *bf16_patch, *bf16_in;
     vad_bf16 *(*bf16_fwd_slots)[VAD_LIN_COUNT], *(*bf16_bwd_slots)[VAD_LIN_COUNT];
     size_t bf16_in_elems;

@@ -34,7 +34,7 @@ static const float *linear_bias(const vad_block_weights *bw, int which) {
 
 /* Packs every block's linear weights (transposed: the input-gradient products) into one buffer. */
 static vad_bf16 *pack_blocks(vad_vit *m, int transposed, vad_bf16 *(*slots)[VAD_LIN_COUNT]) {
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     size_t total = 0, largest = 0;
     for (int which = 0; which < VAD_LIN_COUNT; which++) {
         int N, K;
@@ -54,7 +54,7 @@ static vad_bf16 *pack_blocks(vad_vit *m, int transposed, vad_bf16 *(*slots)[VAD_
         for (int which = 0; which < VAD_LIN_COUNT; which++) {
             int N, K;
             linear_shape(c, which, &N, &K);
-            vad_panel_unpack(w, linear_panels(&m->w.blocks[l], which), N, K);
+            vad_panel_unpack(w, linear_panels(&m->model->w.blocks[l], which), N, K);
             p += (32 - ((uintptr_t)p / sizeof(vad_bf16)) % 32) % 32; /* 64-byte boundary */
             slots[l][which] = p;
             if (transposed) {
@@ -76,7 +76,7 @@ int vad_vit_set_precision(vad_vit *m, int precision) {
     vad_vit_free_precision(m);
     m->precision = precision;
     if (precision == VAD_FP32) return VAD_OK;
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     int D = c->width, Kp = 3 * c->patch * c->patch;
     m->bf16_fwd_slots = calloc((size_t)c->depth, sizeof *m->bf16_fwd_slots);
     m->bf16_bwd_slots = calloc((size_t)c->depth, sizeof *m->bf16_bwd_slots);
@@ -87,7 +87,7 @@ int vad_vit_set_precision(vad_vit *m, int precision) {
         vad_vit_free_precision(m);
         return vad_fail(VAD_ERR_MEMORY, "out of memory packing the backbone's weights to bf16");
     }
-    vad_bf16_pack(m->bf16_patch, m->w.patch_w, D, Kp, (size_t)Kp, 1);
+    vad_bf16_pack(m->bf16_patch, m->model->w.patch_w, D, Kp, (size_t)Kp, 1);
     return VAD_OK;
 }
 
@@ -106,7 +106,7 @@ void vad_vit_free_precision(vad_vit *m) {
 
 int vad_vit_ensure_bf16_inputs(vad_vit *m, int rows) {
     if (m->precision != VAD_BF16) return VAD_OK;
-    const vad_vit_config *c = &m->cfg;
+    const vad_vit_config *c = &m->model->cfg;
     int N1, K1, depth = 3 * c->width; /* the widest product input: qkv's gradient, fc1's, fc2's, patches */
     linear_shape(c, VAD_LIN_FC1, &N1, &K1);
     if (N1 > depth) depth = N1;
@@ -124,19 +124,19 @@ int vad_vit_ensure_bf16_inputs(vad_vit *m, int rows) {
 void vad_vit_block_linear(vad_vit *m, const vad_block_weights *bw, int which, float *C, int ldc, const float *A,
                           int lda, int M, float beta, int act) {
     int N, K;
-    linear_shape(&m->cfg, which, &N, &K);
+    linear_shape(&m->model->cfg, which, &N, &K);
     if (m->precision == VAD_FP32) {
         vad_panel_linear(m->pool, C, ldc, A, lda, linear_panels(bw, which), linear_bias(bw, which), M, N, K, beta, act);
         return;
     }
-    vad_bf16_linear(m->pool, C, ldc, A, lda, m->bf16_fwd_slots[bw - m->w.blocks][which], linear_bias(bw, which), M, N,
+    vad_bf16_linear(m->pool, C, ldc, A, lda, m->bf16_fwd_slots[bw - m->model->w.blocks][which], linear_bias(bw, which), M, N,
                     K, beta, act, m->bf16_in);
 }
 
 int vad_vit_block_linear_input_grad(vad_vit *m, const vad_block_weights *bw, int which, float *din,
                                     const float *dout, int M) {
     int N, K;
-    linear_shape(&m->cfg, which, &N, &K);
+    linear_shape(&m->model->cfg, which, &N, &K);
     if (m->precision == VAD_FP32) {
         vad_panel_unpack(m->wtmp, linear_panels(bw, which), N, K);
         vad_linear_backward_input(m->pool, din, K, dout, N, m->wtmp, M, N, K, 0.0f);
@@ -145,16 +145,16 @@ int vad_vit_block_linear_input_grad(vad_vit *m, const vad_block_weights *bw, int
     if (!m->bf16_bwd && !(m->bf16_bwd = pack_blocks(m, 1, m->bf16_bwd_slots)))
         return vad_fail(VAD_ERR_MEMORY, "out of memory packing the backbone's weights for the bf16 backward");
     /* din = dout W: a linear layer of depth N on the transpose W^T [K, N] */
-    vad_bf16_linear(m->pool, din, K, dout, N, m->bf16_bwd_slots[bw - m->w.blocks][which], NULL, M, K, N, 0.0f, -1,
+    vad_bf16_linear(m->pool, din, K, dout, N, m->bf16_bwd_slots[bw - m->model->w.blocks][which], NULL, M, K, N, 0.0f, -1,
                     m->bf16_in);
     return VAD_OK;
 }
 
 void vad_vit_patch_linear(vad_vit *m, float *out, const float *cols, int M) {
-    int D = m->cfg.width, Kp = 3 * m->cfg.patch * m->cfg.patch;
+    int D = m->model->cfg.width, Kp = 3 * m->model->cfg.patch * m->model->cfg.patch;
     if (m->precision == VAD_FP32) {
-        vad_linear(m->pool, out, D, cols, Kp, m->w.patch_w, m->w.patch_b, M, D, Kp, 0.0f);
+        vad_linear(m->pool, out, D, cols, Kp, m->model->w.patch_w, m->model->w.patch_b, M, D, Kp, 0.0f);
         return;
     }
-    vad_bf16_linear(m->pool, out, D, cols, Kp, m->bf16_patch, m->w.patch_b, M, D, Kp, 0.0f, -1, m->bf16_in);
+    vad_bf16_linear(m->pool, out, D, cols, Kp, m->bf16_patch, m->model->w.patch_b, M, D, Kp, 0.0f, -1, m->bf16_in);
 }

@@ -66,10 +66,10 @@ def test_tokens_after_sca_match_reference():
         want = ref.visualad_maps("clip", state, head, x, [1, 2])
     det = visualad.Detector(to_numpy(state), head=to_numpy(head), image_size=56, layers=[1, 2])
     det.encode(x.numpy())
-    eng = det._head_engine([1, 2])
     enc = det.encode(x.numpy())
-    _, _, lmaps, toks = eng.maps([enc["layers"][1], enc["layers"][2]], enc["anomaly_token"], enc["normal_token"],
-                                 56, 4.0, 32, layer_maps=True, tokens=True)
+    with det._head_state([1, 2]) as eng:
+        _, _, lmaps, toks = eng.maps([enc["layers"][1], enc["layers"][2]], enc["anomaly_token"], enc["normal_token"],
+                                     56, 4.0, 32, layer_maps=True, tokens=True)
     for i, l in enumerate([1, 2]):
         np.testing.assert_allclose(toks[i, 0], want["tokens"][l][0].numpy(), atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(toks[i, 1], want["tokens"][l][1].numpy(), atol=1e-4, rtol=1e-4)

@@ -2,9 +2,9 @@
 
     visualad --version
     visualad demo [--out DIR]
-    visualad predict IMAGES/FOLDERS/GLOBS... --backbone B [--head H] --out DIR [--calibrate GOOD_DIR]
+    visualad predict IMAGES/FOLDERS/GLOBS... --backbone B [--head H] --out DIR [--calibrate GOOD_DIR] [--dask A]
     visualad eval (--data ROOT --dataset {mvtec,visa,btad,mpdd,meta} | --normal-dir D --abnormal-dir D)
-                  --backbone B [--head H] [--out DIR]
+                  --backbone B [--head H] [--out DIR] [--dask A]
     visualad make-meta ROOT --dataset {mvtec,visa,btad,mpdd} [--out meta.json]
     visualad train (--data ROOT --dataset ... | --normal-dir D --abnormal-dir D) --backbone B --out FILE
     visualad convert SRC DST [--head HEAD]      (or: visualad convert DST --backbone SRC)
@@ -140,6 +140,22 @@ def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- outputs
 
 
+def _add_dask_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dask", metavar="ADDRESS",
+                        help="run the batches on a Dask cluster: a scheduler address (tcp://host:8786) or "
+                             "local:N (N worker processes started and stopped here); the numbers equal a "
+                             "local run's with the same --threads. Needs visualad[dask]; images and weights "
+                             "must be visible to every worker")
+
+
+def _dask_client(args: argparse.Namespace):
+    """A Dask client for --dask (context manager), or None without it."""
+    if not getattr(args, "dask", None):
+        return contextlib.nullcontext(None)
+    from .dask import connect
+    return connect(args.dask)
+
+
 def _existing_dir(path, option: str) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{option}: not a folder: {path}")
@@ -240,6 +256,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     add_detector_arguments(parser)
     add_decision_arguments(parser)
     _add_progress_argument(parser)
+    _add_dask_argument(parser)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -267,7 +284,9 @@ def _run_eval(args: argparse.Namespace) -> int:
                              mask=load_mask(item, size) if item.mask else None,
                              title=f"{item.cls_name} ({'defect' if item.label else 'good'})")
     try:
-        report = evaluate(det, dataset, progress=args.progress, aupro_fpr=args.aupro_fpr, on_batch=on_batch)
+        with _dask_client(args) as client:
+            report = evaluate(det, dataset, progress=args.progress, aupro_fpr=args.aupro_fpr, on_batch=on_batch,
+                              client=client)
     finally:
         if overlays is not None:
             overlays.close()
@@ -297,10 +316,12 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     add_detector_arguments(parser)
     add_decision_arguments(parser)
     _add_progress_argument(parser)
+    _add_dask_argument(parser)
 
 
 def _score(det, paths, skip: bool):
-    """(kept paths, maps, scores, [(path, error)]): a batch, or with ``skip`` its readable images."""
+    """(kept paths, maps, scores, [(path, error)]): a batch, or with ``skip`` its readable images
+    (runs locally or on a Dask worker)."""
     try:
         maps, scores = det.maps_and_scores(paths)
         return paths, maps, scores, []
@@ -323,6 +344,7 @@ def _score(det, paths, skip: bool):
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from .batches import split
     from .progress import Progress
     paths = expand_inputs(args.images)
     out = prepare_dir(args.out)
@@ -343,13 +365,19 @@ def _run_predict(args: argparse.Namespace) -> int:
           (zipfile.ZipFile(npz_path, "w", zipfile.ZIP_DEFLATED) if args.save_maps == "npz"
            else contextlib.nullcontext()) as npz,
           _overlays(os.path.join(out, "overlays"), len(paths), det, args) as overlays,
+          _dask_client(args) as client,
           Progress(len(paths), "predict", args.progress) as bar):
         writer = csv.writer(f)
         writer.writerow(header)
-        for start in range(0, len(paths), batch):
-            chunk = paths[start:start + batch]
+        chunks = [paths[a:b] for a, b in split(len(paths), batch)]
+        if client is None:
+            results = (_score(det, chunk, args.skip_errors) for chunk in chunks)
+        else:  # the workers score the batches; overlays, maps and the CSV are written here as locally
+            from .dask import map_batches
+            results = map_batches(det, _score, [(chunk, args.skip_errors) for chunk in chunks], client)
+        for start, chunk in zip(range(0, len(paths), batch), chunks):
             try:
-                kept, maps, scores, failed = _score(det, chunk, args.skip_errors)
+                kept, maps, scores, failed = next(results)
             except USER_ERRORS:
                 print(f"visualad predict: {start} image(s) scored before this error are in {csv_path}; "
                       "--skip-errors lists unreadable images and goes on", file=sys.stderr)

@@ -1,42 +1,23 @@
 """The scikit-learn style VisualAD detector (API.md)."""
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
+import threading
 import warnings
 
 import numpy as np
 
-from . import _engine
-from .backbone import EngineBackbone, build_backbone
+from . import _engine, model_cache
+from .backbone import EngineBackbone
 from .engine_info import PRECISIONS
 from .errors import CheckpointError, UntrainedHeadWarning
 from .limits import MAX_IMAGE_SIDE, check_int, check_threads
 from .head import default_layers, head_engine_config, init_head, pack_head, validate_head
 from .preprocess import ImageSource
 from .progress import Progress
-
-
-def _load_backbone(spec) -> tuple[EngineBackbone, dict | None]:
-    """(backbone, the head stored with it or None): a visualad file (Detector.save, visualad
-    convert/train) carries its head, which is used when no `head` is given."""
-    if isinstance(spec, EngineBackbone):
-        return spec, None
-    if isinstance(spec, dict):
-        return build_backbone(spec), None
-    if isinstance(spec, (str, os.PathLike)):
-        from .checkpoint import load_backbone
-        from .savefile import is_visualad_file, read_file
-        if is_visualad_file(spec):
-            backbone, backbone_path, head, _ = read_file(spec)
-            return (backbone if backbone is not None else _load_backbone(backbone_path)[0]), head
-        weights = load_backbone(spec)
-        try:
-            return build_backbone(weights.tensors, weights.family, weights.hints), None
-        except ValueError as exc:  # NaN weights, sizes beyond the engine's limits
-            raise CheckpointError(f"{os.fspath(spec)}: {exc}") from None
-    raise TypeError(f"backbone must be a path or a dict of arrays, got {type(spec).__name__}")
 
 
 def _load_head(spec, width: int) -> dict | None:
@@ -49,6 +30,7 @@ def _load_head(spec, width: int) -> dict | None:
 
 
 PAPER_IMAGE_SIZE = 518
+_LOCKS_GUARD = threading.Lock()
 LN_POST_CHOICES = ("head", "backbone")
 MISSING_MASK_CHOICES = ("skip", "zeros")
 
@@ -109,7 +91,8 @@ class Detector:
     progress : bool
         Show progress bars on long runs.
     epochs, learning_rate, head_learning_rate, dropout :
-        Training hyper-parameters used by :meth:`fit` (SPEC §3 defaults).
+        Training hyper-parameters used by :meth:`fit` (the paper's defaults); ``epochs=0`` makes
+        ``fit(X, y)`` keep the given head (model selection over inference settings).
     ln_post : {"head", "backbone"}
         Which final LayerNorm makes the features: ``"head"`` (default) the trained one stored in the
         head, as the method trains it; ``"backbone"`` the backbone's own, as the official test script
@@ -119,6 +102,11 @@ class Detector:
         Training on a defective image given without a mask: ``"skip"`` (default) leaves it out of the
         segmentation loss (it still counts in the classification and contrastive terms); ``"zeros"``
         gives it an all-zero mask, as the official data loader does.
+
+    Weights load lazily, once per process, into a cache shared by every Detector naming the same
+    weights (:mod:`visualad.model_cache`); each call runs on its own engine state, so threads and
+    clones run at once with the sequential results. A Detector pickles as its parameters plus a
+    reference to its weights (:meth:`__getstate__`).
     """
 
     def __init__(self, backbone, head=None, *, image_size=None, layers=None, sigma=4.0, topk_ratio=0.01,
@@ -151,10 +139,9 @@ class Detector:
         (see :mod:`visualad.demo`). It runs offline and shows the pipeline end to end; real-world
         accuracy needs real weights. ``params`` override its stored settings."""
         from .demo import DEFAULT_MODEL
-        from .savefile import read_file
         if not os.path.exists(DEFAULT_MODEL):
             raise FileNotFoundError(f"the embedded default model is missing: {DEFAULT_MODEL}")
-        settings = {k: v for k, v in read_file(DEFAULT_MODEL)[3].items()
+        settings = {k: v for k, v in model_cache.load(DEFAULT_MODEL).settings.items()
                     if k in cls._get_param_names() and k not in ("num_threads", "progress")}
         settings.update(params)
         return cls(DEFAULT_MODEL, **settings)
@@ -176,6 +163,75 @@ class Detector:
             setattr(self, key, value)
         return self
 
+    def __sklearn_tags__(self):
+        """scikit-learn's estimator tags (called by scikit-learn only, so it is importable then): an
+        outlier detector taking images -- paths, PIL images or pixel arrays, not tabular 2-D data
+        -- that needs no fit (zero-shot) and no labels."""
+        from sklearn.utils import InputTags, Tags, TargetTags
+        return Tags(estimator_type="outlier_detector", target_tags=TargetTags(required=False),
+                    transformer_tags=None, classifier_tags=None, regressor_tags=None,
+                    input_tags=InputTags(one_d_array=False, two_d_array=False, three_d_array=True, string=True),
+                    requires_fit=False)
+
+    def __sklearn_clone__(self):
+        """``sklearn.base.clone``: a new unfitted Detector with deep copies of the parameters, except
+        ``backbone`` and ``head``, which are passed as the same objects (weights are read-only and
+        loaded once per process; a dict of arrays is not copied and not hashed again)."""
+        params = {k: v if k in ("backbone", "head") else copy.deepcopy(v) for k, v in self.get_params().items()}
+        clone = type(self)(**params)
+        loaded = self.__dict__.get("_loaded_")
+        if loaded is not None and not isinstance(self.backbone, (str, os.PathLike)):
+            clone._loaded_spec, clone._loaded_ = self.backbone, loaded
+        return clone
+
+    # ------------------------------------------------------------------ pickling
+    def _pickle_state(self, with_digest: bool) -> dict:
+        """The parameters, a reference to the weights and what fit / calibrate learned (nothing loaded)."""
+        state = {"params": self.get_params()}
+        spec, ref = self.backbone, self.__dict__.get("_weights_ref")
+        if ref is not None and ref["spec"] is spec:
+            state["weights"] = {k: v for k, v in ref.items() if k != "spec"}
+        elif isinstance(spec, (str, os.PathLike)):
+            path = os.path.abspath(os.fspath(spec))
+            state["weights"] = {"path": path, "digest": model_cache.file_digest(path) if with_digest else None}
+        else:
+            loaded = self.__dict__.get("_loaded_")
+            state["weights"] = {"path": None, "digest": loaded.key[1] if loaded is not None and
+                                self._loaded_spec is spec else None}
+        if self.__dict__.get("_head_trained"):
+            state["fitted"] = {"head_": self.head_, "training_history_": self.training_history_,
+                               "n_skipped_steps_": self.n_skipped_steps_}
+        if self.__dict__.get("calibration_") is not None:
+            state["calibration_"] = self.calibration_
+        return state
+
+    def __getstate__(self) -> dict:
+        """Pickles as the parameters plus a reference to the weights: for a path, the absolute path
+        and the SHA-256 of its content (checked when the unpickled Detector first loads it); for a
+        dict of arrays, the arrays themselves (they are the parameter) and their digest. A head
+        trained by fit travels with it. Nothing loaded is pickled: unpickling is cheap and the
+        weights load lazily, once per process (:mod:`visualad.model_cache`)."""
+        return self._pickle_state(with_digest=True)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state["params"])
+        weights = state.get("weights") or {}
+        if weights.get("digest") or weights.get("path"):
+            self._weights_ref = dict(weights, spec=self.backbone)
+        fitted = state.get("fitted")
+        if fitted:
+            self.__dict__.update(fitted)
+            self._head_src, self._head_trained, self._keep_head = self.head, True, True
+            self._head_source_, self._untrained_head = None, False
+        if state.get("calibration_") is not None:
+            self.calibration_ = state["calibration_"]
+
+    def __deepcopy__(self, memo):
+        """A deep copy: copied parameters and fitted head; the loaded weights stay shared."""
+        new = type(self).__new__(type(self))
+        new.__setstate__(copy.deepcopy(self._pickle_state(with_digest=False), memo))
+        return new
+
     def __repr__(self):
         b = self.backbone if isinstance(self.backbone, (str, os.PathLike)) else f"<{type(self.backbone).__name__}>"
         return f"Detector(backbone={b!r}, image_size={self.image_size}, layers={self.layers})"
@@ -188,31 +244,83 @@ class Detector:
     def _precision(self) -> str:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if _engine.precision_kernel(self.precision) == "none":  # checked per call: engine states are reused
+            from .engine_info import engine_info
+            raise ValueError(f"precision {self.precision!r} cannot run here: "
+                             f"{engine_info()['precisions'][self.precision]['reason']}")
         return self.precision
 
-    def _model(self):
-        """Loads the backbone, engine and head once; each is rebuilt only when what it depends on
-        changes (a trained ``head_`` survives e.g. a new ``num_threads``)."""
-        if getattr(self, "_backbone_id", None) != id(self.backbone):
-            self._backbone_, self._stored_head = _load_backbone(self.backbone)
-            self._backbone_id = id(self.backbone)
-            self._engine_key = self._head_src = None
-        engine_key = (self._backbone_id, self._threads(), self._precision())
-        if self._engine_key != engine_key:
-            self._engine_ = _engine.Backbone(self._backbone_.config, self._backbone_.params, self._threads(),
-                                             self._precision())
-            self._engine_key = engine_key
-        if self._head_src != id(self.head) or getattr(self, "head_", None) is None:
-            self._reset_head()
-        return self._engine_
+    def _lock(self) -> threading.RLock:
+        """This Detector's lock (created on first use; not a parameter, not pickled): guards the
+        lazy loading so that threads sharing one Detector resolve its model once."""
+        lock = self.__dict__.get("_lock_")
+        if lock is None:
+            with _LOCKS_GUARD:
+                lock = self.__dict__.setdefault("_lock_", threading.RLock())
+        return lock
+
+    def _backbone_entry(self) -> model_cache.LoadedBackbone:
+        """The process-wide loaded backbone named by the ``backbone`` parameter (see
+        :mod:`visualad.model_cache`): a path is checked by its file identity (stat) on every call,
+        a dict or EngineBackbone by object identity once resolved (its content digest keys the
+        cache, so equal weights load once; edit a dict in place and pass it again with
+        ``set_params(backbone=...)`` -- the engine runs on its own packed copy)."""
+        spec, current = self.backbone, self.__dict__.get("_loaded_")
+        ref = self.__dict__.get("_weights_ref")
+        if ref is not None and ref["spec"] is not spec:
+            ref = None  # the parameter changed since unpickling
+        if isinstance(spec, (str, os.PathLike)):
+            path = ref["path"] if ref is not None and os.path.exists(ref["path"]) else spec
+            if current is not None and self._loaded_spec is spec and current.key == model_cache.file_identity(path):
+                return current
+            entry = model_cache.load(path, ref["digest"] if ref is not None else None)
+        elif current is not None and self._loaded_spec is spec:
+            return current
+        else:
+            entry = model_cache.load(spec, ref["digest"] if ref is not None else None)
+        self._loaded_spec = spec
+        return entry
+
+    def _model(self) -> model_cache.LoadedBackbone:
+        """Resolves the loaded backbone and the head once; the head is rebuilt only when the
+        backbone or the ``head`` parameter changes (a trained ``head_`` survives e.g. a new
+        ``num_threads``). Returns the loaded backbone; engine states come from :meth:`_engine`."""
+        with self._lock():
+            entry = self._backbone_entry()
+            if entry is not self.__dict__.get("_loaded_"):
+                keep = self.__dict__.pop("_keep_head", False)  # a head restored by unpickling
+                self._loaded_ = entry
+                if not keep:
+                    self.head_ = None
+            if self.__dict__.get("head_") is None or self.__dict__.get("_head_src", self) is not self.head:
+                self._reset_head()
+            return entry
+
+    def _engine(self):
+        """A backbone engine state for one call (context manager): the shared read-only weights
+        with this call's own workspaces, so threads and clones run at once without copies."""
+        return self._model().state(self._threads(), self._precision())
+
+    @property
+    def _backbone_(self) -> EngineBackbone:
+        """The loaded backbone (configuration, packed weights, preprocessing)."""
+        return self._model().backbone
 
     def _reset_head(self):
         """head_ from the ``head`` parameter, else the head stored in a visualad backbone file, else a
-        fresh seeded head."""
-        head = _load_head(self.head if self.head is not None else self._stored_head, self._backbone_.width)
-        self.head_ = head if head is not None else self._fresh_head(self._backbone_)
-        self._untrained_head = head is None  # until fit() trains it
-        self._head_src = id(self.head)
+        fresh seeded head; shared (read-only) with every Detector whose head has the same source."""
+        loaded = self._loaded_
+
+        def build():
+            head = _load_head(self.head if self.head is not None else loaded.stored_head, loaded.backbone.width)
+            return head if head is not None else self._fresh_head(loaded.backbone)
+
+        source = self._head_source()
+        self.head_ = build() if source is None else loaded.head_dict(source, build)
+        self._head_src = self.head
+        self._head_trained = False
+        self._untrained_head = self.head is None and loaded.stored_head is None  # until fit() trains it
+        self._head_source_ = source
         self._head_version = getattr(self, "_head_version", 0) + 1
 
     def _fresh_head(self, bb: EngineBackbone) -> dict:
@@ -224,7 +332,7 @@ class Detector:
 
     def _settings(self):
         """Resolved (image_size, layers) after the model is loaded, validated."""
-        bb = self._backbone_
+        bb = self._loaded_.backbone
         size = self.image_size if self.image_size is not None else self.head_.get("image_size", default_image_size(bb))
         size = check_int(size, "image_size", 1, MAX_IMAGE_SIDE)
         patch = bb.config["patch"]
@@ -246,11 +354,11 @@ class Detector:
         if self.ln_post == "head":
             return self.head_["ln_post_weight"], self.head_["ln_post_bias"]
         if self.ln_post == "backbone":
-            return self._backbone_.default_ln_post
+            return self._loaded_.backbone.default_ln_post
         raise ValueError(f"ln_post must be one of {', '.join(map(repr, LN_POST_CHOICES))}, got {self.ln_post!r}")
 
     def _source(self, X, size):
-        bb = self._backbone_
+        bb = self._loaded_.backbone
         return ImageSource(X, size, bb.mean, bb.std)
 
     def _batch_size(self) -> int:
@@ -263,7 +371,7 @@ class Detector:
         Returns ``{"layers": {l: (N, patches, D)}, "anomaly_token": (N, D), "normal_token": (N, D)}``:
         ln_post (the head's) of the residual stream after block ``l`` at the patch positions, and of
         the two inserted tokens after the final block (before SCA)."""
-        engine = self._model()
+        self._model()
         size, layers = self._settings()
         src = self._source(X, size)
         head = self.head_
@@ -273,7 +381,7 @@ class Detector:
         out_layers = {l: None for l in layers}
         ta_all, tn_all = [], []
         feats_parts = {l: [] for l in layers}
-        with Progress(n, "encode", self.progress and n > 1) as bar:
+        with self._engine() as engine, Progress(n, "encode", self.progress and n > 1) as bar:
             for _, batch in src.batches(self._batch_size()):
                 feats, ta, tn = engine.encode(batch, layers, tokens, *ln_post)
                 for l, f in zip(layers, feats):
@@ -292,16 +400,16 @@ class Detector:
         block ``l`` (1-based; default: the detector's layers) and the tower's own final norm (CLIP
         ``ln_post`` / DINOv2 ``norm``, the backbone's weights, not the head's) over every token of
         the last block. T = class token + registers + patches, in the model's order."""
-        engine = self._model()
+        self._model()
         size, default = self._settings()
-        depth = self._backbone_.depth
+        depth = self._loaded_.backbone.depth
         layers = default if layers is None else [int(l) for l in layers]
         for l in layers:
             if not 1 <= l <= depth:
                 raise ValueError(f"layer {l} is outside 1..{depth} for this backbone")
         src = self._source(X, size)
         hidden, final = {l: [] for l in layers}, []
-        with Progress(len(src), "features", self.progress and len(src) > 1) as bar:
+        with self._engine() as engine, Progress(len(src), "features", self.progress and len(src) > 1) as bar:
             for _, batch in src.batches(self._batch_size()):
                 streams, last = engine.forward(batch, layers, None, final_norm=True)
                 for l, s in zip(layers, streams):
@@ -314,7 +422,7 @@ class Detector:
     # ------------------------------------------------------------------ training
     def _train_setup(self, X, y, masks, fresh_start: bool):
         from .training import HeadBuffers, check_labels
-        engine = self._model()
+        self._model()
         if self.ln_post != "head":
             raise ValueError(f"training trains the head's ln_post: use ln_post='head', not {self.ln_post!r}")
         if self.missing_mask not in MISSING_MASK_CHOICES:
@@ -325,8 +433,8 @@ class Detector:
         size, layers = self._settings()
         src = self._source(X, size)
         labels = check_labels(y, masks, len(src))
-        buffers = HeadBuffers.from_head(self.head_, layers, self._backbone_.width, self._threads())
-        return engine, size, layers, src, labels, buffers
+        buffers = HeadBuffers.from_head(self.head_, layers, self._loaded_.backbone.width, self._threads())
+        return size, layers, src, labels, buffers
 
     def loss_and_grad(self, X, y, masks=None, dropout=0.0):
         """The training losses of X (one batch) and their gradients w.r.t. every trainable tensor.
@@ -336,19 +444,27 @@ class Detector:
         ``layer_transforms.layer_6.mlp.0.weight``, ``cross_attn.layer_attentions.layer_6.q_proj.weight``,
         ...). The gradient reaches t_a and t_n through the frozen backbone. Nothing is updated."""
         from .training import batch_targets, loss_and_grad
-        engine, size, layers, src, labels, buf = self._train_setup(X, y, masks, fresh_start=False)
+        size, layers, src, labels, buf = self._train_setup(X, y, masks, fresh_start=False)
         d = float(dropout)
         if not 0.0 <= d < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         mask_arr, has_mask = batch_targets(labels, masks, np.arange(len(src)), size, self.missing_mask)
-        losses = loss_and_grad(engine, buf, src.batch(0, len(src)), layers, labels, mask_arr, has_mask,
-                               self._topk(size), d, int(self.random_state))
+        with self._engine() as engine:
+            losses = loss_and_grad(engine, buf, src.batch(0, len(src)), layers, labels, mask_arr, has_mask,
+                                   self._topk(size), d, int(self.random_state))
         return losses, buf.flat_gradients(self.head_, layers)
 
-    def fit(self, X, y, masks=None, *, checkpoint=None, resume=False, on_epoch=None):
-        """Trains the head (starting from `head`, else a fresh seeded head) as SPEC §3 says.
+    def fit(self, X, y=None, masks=None, *, checkpoint=None, resume=False, on_epoch=None):
+        """Zero-shot without labels; with labels, trains the head (the paper's recipe). Returns self.
 
-        X: images in any accepted form; y: 0/1 labels; masks: None or one entry per image (None, a
+        ``y=None`` (or ``epochs=0``): nothing to learn -- ``head_`` is the given head (``head``, else
+        the head stored in a visualad backbone file, else a fresh seeded head); X's form is checked,
+        its images are not decoded. This makes a Detector with a fixed head usable inside
+        scikit-learn model selection: e.g. ``GridSearchCV(Detector(bb, head=h, epochs=0),
+        {"sigma": [...]}, scoring=visualad.scoring.image_auroc).fit(X, y)`` tunes the inference
+        settings (``sigma``, ``topk_ratio``, ``threshold``, ``layers``) without training anything.
+
+        With labels: X images in any accepted form; y 0/1 labels; masks: None or one entry per image (None, a
         path, a PIL image or an array; see visualad.training.prepare_targets). AdamW with t_a/t_n at
         ``learning_rate`` and the rest at ``head_learning_rate``, weight decay 0.01, cosine annealing
         per epoch (eta_min 1e-4), t_a/t_n gradients clipped separately to norm 1, NaN steps skipped,
@@ -369,8 +485,17 @@ class Detector:
                                save_training_state, step_seed)
         if resume and checkpoint is None:
             raise ValueError("resume=True needs the checkpoint path to resume from")
-        engine, size, layers, src, labels, buf = self._train_setup(X, y, masks, fresh_start=True)
-        epochs, bs = check_int(self.epochs, "epochs", 1), self._batch_size()
+        epochs = check_int(self.epochs, "epochs", 0)
+        if y is None or epochs == 0:
+            if y is None and masks is not None:
+                raise ValueError("masks were given without labels y")
+            self._model()
+            self._reset_head()
+            self._source(X, self._settings()[0])  # checks X's form (type, shape, NaN); images are not decoded
+            self.training_history_, self.n_skipped_steps_ = [], 0
+            return self
+        size, layers, src, labels, buf = self._train_setup(X, y, masks, fresh_start=True)
+        bs = self._batch_size()
         d = float(self.dropout)
         if not 0.0 <= d < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -393,12 +518,13 @@ class Detector:
             self.head_["epoch"] = epochs_done
             self._head_version = getattr(self, "_head_version", 0) + 1
             self._untrained_head = False
+            self._head_trained, self._head_source_ = True, None
             self.training_history_ = history
             self.n_skipped_steps_ = skipped
 
         epochs_done = first_epoch
         try:
-            with Progress(epochs * steps_per_epoch, "fit", bool(self.progress)) as bar:
+            with self._engine() as engine, Progress(epochs * steps_per_epoch, "fit", bool(self.progress)) as bar:
                 bar.update(first_epoch * steps_per_epoch)
                 for epoch in range(epochs):
                     if epoch < first_epoch:  # resumed: replay the shuffles of the epochs already done
@@ -454,37 +580,73 @@ class Detector:
         if getattr(self, "calibration_", None) is not None:
             settings["calibration"] = self.calibration_
         backbone_path = self.backbone if isinstance(self.backbone, (str, os.PathLike)) else None
-        save_file(path, self._backbone_, self.head_, settings, backbone_path, include_backbone)
+        save_file(path, self._loaded_.backbone, self.head_, settings, backbone_path, include_backbone)
 
     @classmethod
     def load(cls, path, **overrides) -> "Detector":
-        """A Detector from a file written by :meth:`save` (settings may be overridden)."""
-        from .savefile import is_visualad_file, read_file
+        """A Detector from a file written by :meth:`save` (settings may be overridden).
+
+        Its ``backbone`` is the file's path (the file brings its weights or weights reference and
+        its head), so it pickles as a reference and shares the process-wide loaded backbone."""
+        from .savefile import is_visualad_file
         if not os.path.isfile(path):
             raise FileNotFoundError(f"detector file not found: {path}")
         if not is_visualad_file(path):
             raise CheckpointError(f"{path} is not a visualad detector file (one written by Detector.save, visualad "
                                   "train or visualad convert); to use a backbone checkpoint, give it to "
                                   "Detector(backbone=...)")
-        backbone, backbone_path, head, stored = read_file(path)
+        stored = model_cache.load(path).settings
         settings = {k: v for k, v in stored.items() if k in cls._get_param_names()}
         settings.update(overrides)
-        det = cls(backbone if backbone is not None else backbone_path, head=head, **settings)
+        det = cls(os.fspath(path), **settings)
         if stored.get("calibration") is not None and "threshold" not in overrides:
             det.calibration_ = dict(stored["calibration"])
         return det
 
     # ------------------------------------------------------------------ maps and scores
-    def _head_engine(self, layers):
-        """The C head for the current head_ and layers (rebuilt when either changes)."""
-        key = (id(self.head_), getattr(self, "_head_version", 0), tuple(layers), self._threads())
-        if getattr(self, "_head_key", None) != key:
-            cfg = head_engine_config(self.head_, layers, self._backbone_.width)
-            layout, total = _engine.head_layout(cfg)
-            params = pack_head(self.head_, layers, self._backbone_.width, layout, total)
-            self._head_engine_ = _engine.Head(cfg, params, self._threads())
-            self._head_key = key
-        return self._head_engine_
+    def _head_source(self):
+        """Where ``head_`` came from, as a cache key: heads from the same source are packed once
+        per loaded backbone and shared (clones). None for a head of this Detector alone (trained
+        by fit, or a fresh head without a seed)."""
+        if self.head is None:
+            if self._loaded_.stored_head is not None:
+                return ("stored",)
+            if self.random_state is None:
+                return None
+            layers = None if self.layers is None else tuple(int(l) for l in self.layers)
+            return ("fresh", layers, self.image_size, int(self.random_state))
+        if isinstance(self.head, (str, os.PathLike)):
+            return ("file", model_cache.file_identity(self.head))
+        if not isinstance(self.head, dict):
+            return None  # _load_head raises the type error
+        from .savefile import flatten_head
+        try:
+            digest = model_cache.arrays_digest(flatten_head(self.head))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None  # not a valid head: _load_head says what is wrong
+        info = sorted((k, repr(v)) for k, v in self.head.items() if not isinstance(v, (dict, np.ndarray)))
+        return ("arrays", digest, tuple(info))
+
+    def _pack_head(self, layers) -> model_cache.LoadedHead:
+        width = self._loaded_.backbone.width
+        cfg = head_engine_config(self.head_, layers, width)
+        layout, total = _engine.head_layout(cfg)
+        return model_cache.LoadedHead(cfg, pack_head(self.head_, layers, width, layout, total))
+
+    def _head_state(self, layers):
+        """A C head state for the current head_ and layers for one call (context manager): shared
+        packed weights when head_ is untouched from its source, this Detector's own otherwise."""
+        with self._lock():
+            source = self.__dict__.get("_head_source_")
+            if source is not None:
+                loaded = self._loaded_.head(source + (tuple(layers),), lambda: self._pack_head(layers))
+            else:
+                key = (getattr(self, "_head_version", 0), tuple(layers))
+                own = self.__dict__.get("_own_head_")
+                if own is None or own[0] != key:
+                    own = self._own_head_ = (key, self._pack_head(layers))
+                loaded = own[1]
+        return loaded.states.state(self._threads())
 
     def _topk(self, size: int) -> int:
         r = float(self.topk_ratio)
@@ -500,9 +662,8 @@ class Detector:
 
     def _run(self, X, keep_maps: bool, desc: str):
         """Runs backbone + head batch by batch; returns (maps or None, scores)."""
-        engine = self._model()
+        self._model()
         size, layers = self._settings()
-        head_engine = self._head_engine(layers)
         topk, sigma = self._topk(size), self._sigma()
         src = self._source(X, size)
         head = self.head_
@@ -515,7 +676,8 @@ class Detector:
         n = len(src)
         maps = np.empty((n, size, size), np.float32) if keep_maps else None
         scores = np.empty(n, np.float32)
-        with Progress(n, desc, bool(self.progress) and n > 1) as bar:
+        with self._engine() as engine, self._head_state(layers) as head_engine, \
+                Progress(n, desc, bool(self.progress) and n > 1) as bar:
             for start, batch in src.batches(self._batch_size()):
                 feats, ta, tn = engine.encode(batch, layers, tokens, *ln_post)
                 final, sc, _, _ = head_engine.maps(feats, ta, tn, size, sigma, topk)

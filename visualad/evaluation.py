@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
+from .batches import maps_and_scores, split
 from .datasets import Dataset, load_mask
 from .progress import Progress
 
@@ -187,21 +188,28 @@ def _describe_head(detector) -> str | None:
     """What head the run used: the ``head`` argument, the one stored in the backbone file, or a fresh one."""
     if detector.head is not None:
         return _describe(detector.head)
-    if getattr(detector, "_stored_head", None) is not None:
+    if detector._model().stored_head is not None:
         return f"stored in {_describe(detector.backbone)}"
     return f"fresh, untrained (random_state {detector.random_state})"
 
 
-def _run_class(detector, items, progress, name, num_threads, aupro_fpr, on_batch):
-    """Maps of one class streamed into the class's arrays, then its metrics."""
+def used_settings(detector) -> tuple[int, list, str | None]:
+    """(image size, layers, head description) a run of ``detector`` uses (loads the model)."""
+    detector._model()
+    size, layers = detector._settings()
+    return size, [int(l) for l in layers], _describe_head(detector)
+
+
+def _run_class(results, items, batch, progress, name, num_threads, aupro_fpr, on_batch):
+    """Maps of one class streamed into the class's arrays, then its metrics. ``results`` yields
+    (maps, scores) for each batch of ``batch`` items, in order."""
     need_pixels = all(item.mask is not None for item in items if item.label)
     labels = np.array([item.label for item in items], np.uint8)
     scores = np.empty(len(items), np.float32)
     maps = masks = None
-    batch = max(1, int(detector.batch_size))
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        out, scores[start:start + len(chunk)] = detector.maps_and_scores([item.image for item in chunk])
+    for start, stop in split(len(items), batch):
+        chunk = items[start:stop]
+        out, scores[start:stop] = next(results)
         size = out.shape[-1]
         if on_batch is not None:
             on_batch(chunk, out, scores[start:start + len(chunk)])
@@ -221,7 +229,7 @@ def _run_class(detector, items, progress, name, num_threads, aupro_fpr, on_batch
 
 
 def evaluate(detector, dataset: Dataset, *, progress: bool = False, aupro_fpr: str = "visualad",
-             on_batch=None) -> EvalReport:
+             on_batch=None, client=None) -> EvalReport:
     """Runs ``detector`` over every class of ``dataset`` (use :meth:`Dataset.select` for a subset).
 
     The detector's ``batch_size`` sets how many images run at once, its ``num_threads`` also
@@ -229,17 +237,30 @@ def evaluate(detector, dataset: Dataset, *, progress: bool = False, aupro_fpr: s
     (from :meth:`Detector.maps_and_scores`). ``aupro_fpr``: the FPR rule of the AnomalyCLIP-family
     AUPRO (``"visualad"``: FPR <= 0.3, ``"anomalyclip"``: < 0.3). ``on_batch(items, maps, scores)``
     is called for every batch (e.g. to draw overlays). Memory: see the module docstring. The
-    report's settings record the image size, layers and head the run actually used."""
+    report's settings record the image size, layers and head the run actually used.
+
+    ``client``: a ``dask.distributed.Client``; the batches then run on its workers
+    (:mod:`visualad.dask`) and the report is identical to the local one (same batches and engine
+    threads; masks, ``on_batch`` and the metrics stay in this process)."""
+    batch = max(1, int(detector.batch_size))
+    plan = [[item.image for item in dataset.items_of(name)[a:b]]
+            for name in dataset.classes for a, b in split(len(dataset.items_of(name)), batch)]
+    if client is None:
+        runs = (maps_and_scores(detector, paths) for paths in plan)
+    else:
+        from .dask import map_batches, run
+        runs = map_batches(detector, maps_and_scores, [(paths,) for paths in plan], client)
     results, size, images = [], None, []
     with Progress(len(dataset), "eval", progress) as bar:
         for name in dataset.classes:
             items = dataset.items_of(name)
-            result, size, scores = _run_class(detector, items, bar, name, detector.num_threads, aupro_fpr, on_batch)
+            result, size, scores = _run_class(runs, items, batch, bar, name, detector.num_threads, aupro_fpr,
+                                              on_batch)
             results.append(result)
             images.extend(zip(items, (float(v) for v in scores)))
-    size, layers = detector._settings()
+    size, layers, head = used_settings(detector) if client is None else run(detector, used_settings, client)
     settings = {"dataset": dataset.kind, "root": dataset.root, "split": dataset.split,
-                "backbone": _describe(detector.backbone), "head": _describe_head(detector),
+                "backbone": _describe(detector.backbone), "head": head,
                 "image_size": size, "layers": [int(l) for l in layers], "ln_post": detector.ln_post,
                 "sigma": detector.sigma, "topk_ratio": detector.topk_ratio, "threshold": float(detector.threshold),
                 "aupro_fpr": aupro_fpr}
