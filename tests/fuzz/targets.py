@@ -40,9 +40,11 @@ def _checkpoint(path: str, rng) -> None:
 def _detector_file(path: str, rng) -> None:
     import visualad
     det = visualad.Detector.load(path)
-    det._model()
+    with det._engine():  # the backbone's C state (threads and precision from the file)
+        pass
     _, layers = det._settings()
-    det._head_engine(layers)
+    with det._head_state(layers):  # packs the head and builds its C state
+        pass
 
 
 def _image(path: str, rng) -> None:
