@@ -20,39 +20,44 @@ typedef struct {
     float *C;
 } gemm_ctx;
 
-/* Each worker runs one sgemm on a block of rows of C (or of columns when M is small: the worker
- * then packs only its share of B, usually the weights), then adds the bias to its block. */
+/* C is cut into blocks of VAD_GEMM_BLOCK rows (or columns when M is small: each call then packs
+ * only its share of B, usually the weights), one sgemm per block, the bias added per block. The
+ * blocks are fixed by the shape alone, never by the thread count: OpenBLAS may round a row
+ * differently inside calls of different sizes, so results stay independent of the thread count. */
+#define VAD_GEMM_BLOCK 128
+
 static void gemm_task(void *vctx, int64_t begin, int64_t end, int tid) {
     (void)tid;
     const gemm_ctx *c = (const gemm_ctx *)vctx;
-    int lo = (int)begin * 16, hi = (int)end * 16;
-    int m0 = 0, m1 = c->M, n0 = 0, n1 = c->N;
-    if (c->split_rows) {
-        m0 = lo;
-        m1 = hi < c->M ? hi : c->M;
-        if (m0 >= m1) return;
-        const float *A = c->ta ? c->A + m0 : c->A + (size_t)m0 * c->lda;
-        vad_sgemm(c->ta, c->tb, m1 - m0, c->N, c->K, c->alpha, A, c->lda, c->B, c->ldb, c->beta,
-                  c->C + (size_t)m0 * c->ldc, c->ldc);
-    } else {
-        n0 = lo;
-        n1 = hi < c->N ? hi : c->N;
-        if (n0 >= n1) return;
-        const float *Bp = c->tb ? c->B + (size_t)n0 * c->ldb : c->B + n0;
-        vad_sgemm(c->ta, c->tb, c->M, n1 - n0, c->K, c->alpha, c->A, c->lda, Bp, c->ldb, c->beta, c->C + n0, c->ldc);
-    }
-    if (c->bias)
-        for (int m = m0; m < m1; m++) {
-            float *o = c->C + (size_t)m * c->ldc;
-            for (int n = n0; n < n1; n++) o[n] += c->bias[n];
+    for (int64_t blk = begin; blk < end; blk++) {
+        int lo = (int)blk * VAD_GEMM_BLOCK;
+        int m0 = 0, m1 = c->M, n0 = 0, n1 = c->N;
+        if (c->split_rows) {
+            m0 = lo;
+            m1 = lo + VAD_GEMM_BLOCK < c->M ? lo + VAD_GEMM_BLOCK : c->M;
+            const float *A = c->ta ? c->A + m0 : c->A + (size_t)m0 * c->lda;
+            vad_sgemm(c->ta, c->tb, m1 - m0, c->N, c->K, c->alpha, A, c->lda, c->B, c->ldb, c->beta,
+                      c->C + (size_t)m0 * c->ldc, c->ldc);
+        } else {
+            n0 = lo;
+            n1 = lo + VAD_GEMM_BLOCK < c->N ? lo + VAD_GEMM_BLOCK : c->N;
+            const float *Bp = c->tb ? c->B + (size_t)n0 * c->ldb : c->B + n0;
+            vad_sgemm(c->ta, c->tb, c->M, n1 - n0, c->K, c->alpha, c->A, c->lda, Bp, c->ldb, c->beta, c->C + n0,
+                      c->ldc);
         }
+        if (c->bias)
+            for (int m = m0; m < m1; m++) {
+                float *o = c->C + (size_t)m * c->ldc;
+                for (int n = n0; n < n1; n++) o[n] += c->bias[n];
+            }
+    }
 }
 
 static void gemm_bias(vad_pool *pool, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                       int lda, const float *B, int ldb, float beta, float *C, int ldc, const float *bias) {
     if (M <= 0 || N <= 0) return;
     gemm_ctx c = {trans_a, trans_b, M, N, K, lda, ldb, ldc, M > N, alpha, beta, A, B, bias, C};
-    vad_parallel_for(pool, ((c.split_rows ? M : N) + 15) / 16, 1, gemm_task, &c);
+    vad_parallel_for(pool, ((c.split_rows ? M : N) + VAD_GEMM_BLOCK - 1) / VAD_GEMM_BLOCK, 1, gemm_task, &c);
 }
 
 void vad_gemm(vad_pool *pool, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
@@ -133,11 +138,14 @@ void vad_layernorm(vad_pool *pool, float *out, int ld_out, const float *in, int 
 
 
 /* LayerNorm backward for rows of x (stride ld_x): dx (+=, stride ld_dx) from dout (stride ld_o);
- * dw/db (+=, may be NULL) reduced over rows with one partial sum per worker. */
+ * dw/db (+=, may be NULL) reduced over rows: one partial sum per block of LN_BACK_BLOCK rows, the
+ * blocks then added in order, so the sum does not depend on the thread count. */
+#define LN_BACK_BLOCK 64
+
 typedef struct {
     float *dx, *dw_part;
     const float *dout, *x, *w;
-    int ld_dx, ld_o, ld_x, C;
+    int ld_dx, ld_o, ld_x, C, rows;
     float eps;
 } ln_back_ctx;
 
@@ -165,25 +173,30 @@ VAD_HOT static void ln_back_row(float *dx, float *dw, float *db, const float *dy
 }
 
 static void ln_back_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
     ln_back_ctx *c = (ln_back_ctx *)vctx;
-    float *dw = c->dw_part ? c->dw_part + (size_t)tid * 2 * c->C : NULL;
-    for (int64_t r = begin; r < end; r++)
-        ln_back_row(c->dx + r * c->ld_dx, dw, dw ? dw + c->C : NULL, c->dout + r * c->ld_o, c->x + r * c->ld_x, c->w,
-                    c->C, c->eps);
+    for (int64_t blk = begin; blk < end; blk++) {
+        float *dw = c->dw_part ? c->dw_part + (size_t)blk * 2 * c->C : NULL;
+        int64_t r1 = (blk + 1) * LN_BACK_BLOCK < c->rows ? (blk + 1) * LN_BACK_BLOCK : c->rows;
+        for (int64_t r = blk * LN_BACK_BLOCK; r < r1; r++)
+            ln_back_row(c->dx + r * c->ld_dx, dw, dw ? dw + c->C : NULL, c->dout + r * c->ld_o, c->x + r * c->ld_x,
+                        c->w, c->C, c->eps);
+    }
 }
 
 int vad_layernorm_backward(vad_pool *pool, float *dx, int ld_dx, const float *dout, int ld_o, const float *x,
                            int ld_x, const float *w, float *dw, float *db, int rows, int C, float eps) {
-    int nt = vad_pool_size(pool);
+    if (rows <= 0) return VAD_OK;
+    int nblocks = (rows + LN_BACK_BLOCK - 1) / LN_BACK_BLOCK;
     float *part = NULL;
     if (dw) {
-        part = (float *)calloc((size_t)nt * 2 * C, sizeof(float));
+        part = (float *)calloc((size_t)nblocks * 2 * C, sizeof(float));
         if (!part) return vad_fail(VAD_ERR_MEMORY, "out of memory in the layer-norm backward");
     }
-    ln_back_ctx c = {dx, part, dout, x, w, ld_dx, ld_o, ld_x, C, eps};
-    vad_parallel_for(pool, rows, 8, ln_back_task, &c);
+    ln_back_ctx c = {dx, part, dout, x, w, ld_dx, ld_o, ld_x, C, rows, eps};
+    vad_parallel_for(pool, nblocks, 1, ln_back_task, &c);
     if (dw) {
-        for (int t = 0; t < nt; t++)
+        for (int t = 0; t < nblocks; t++)
             for (int i = 0; i < C; i++) {
                 dw[i] += part[(size_t)t * 2 * C + i];
                 db[i] += part[(size_t)t * 2 * C + C + i];
