@@ -10,6 +10,7 @@
 #include "dropout.h"
 #include "errors.h"
 #include "maps.h"
+#include "vad_limits.h"
 #include "ops.h"
 #include "resize.h"
 
@@ -90,7 +91,7 @@ static void walk(const vad_head_config *c, builder *lb, vad_head_weights *w) {
 
 int vad_head_config_check(const vad_head_config *c) {
     if (c->width <= 0 || c->n_layers < 1 || c->n_layers > VAD_MAX_LAYERS || c->n_anchors < 1 ||
-        c->pos_rows < 1 || c->saf_hidden < 1 || c->width > 1 << 16 || c->n_anchors > 4096 ||
+        c->pos_rows < 1 || c->saf_hidden < 1 || c->width > VAD_MAX_WIDTH || c->n_anchors > 4096 ||
         c->pos_rows > 1 << 20 || c->saf_hidden > 1 << 16)
         return vad_fail(VAD_ERR_VALUE, "head config out of range (width=%d layers=%d anchors=%d "
                         "pos_rows=%d saf_hidden=%d)", c->width, c->n_layers, c->n_anchors,

@@ -13,6 +13,8 @@ static PyMethodDef module_methods[] = {
      "aupro(masks uint8 (N,H,W), maps float32/64 (N,H,W), fpr_limit, num_threads) -> MVTec AD AUPRO"},
     {"aupro_anomalyclip", py_aupro_anomalyclip, METH_VARARGS,
      "aupro_anomalyclip(masks, maps, thresholds float64, fpr_below, num_threads) -> AnomalyCLIP AUPRO"},
+    {"limits", py_limits, METH_NOARGS,
+     "limits() -> {name: int}: the engine's size limits (csrc/vad_limits.h), mirrored by visualad.limits."},
     {"set_simd_gemm", py_set_simd_gemm, METH_O,
      "set_simd_gemm(enable) -> previous: True runs the backbone's linear layers on the AVX-512 kernel when\n"
      "the CPU has it (the default), False sends them through BLAS sgemm panel by panel (process-wide)."},

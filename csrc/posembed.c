@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "errors.h"
+#include "vad_limits.h"
 #include "resize.h"
 #include "vit.h"
 
@@ -107,6 +108,11 @@ static int apply_separable(float *out, const float *in, int D, int G0, int g, co
 }
 
 int vad_resize_positions(float *out, const float *in, int D, int G0, int g, int mode, float cubic_a) {
+    /* the largest buffer formed below is the G0 x g x D intermediate; every index stays in int */
+    size_t tmp_floats;
+    if (D < 1 || D > VAD_MAX_WIDTH || G0 < 1 || G0 > VAD_MAX_GRID || g < 1 || g > VAD_MAX_IMAGE_SIDE ||
+        !vad_mul_size((size_t)G0 * (size_t)g, (size_t)D, &tmp_floats) || tmp_floats > SIZE_MAX / sizeof(float))
+        return vad_fail(VAD_ERR_VALUE, "position resize %d -> %d (width %d) is out of range", G0, g, D);
     if (g == G0) { /* every rule returns the table unchanged at the native grid */
         memcpy(out, in, (size_t)G0 * G0 * D * sizeof(float));
         return VAD_OK;

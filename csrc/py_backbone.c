@@ -164,7 +164,7 @@ static int Backbone_init(BackboneObject *self, PyObject *args, PyObject *kwds) {
     PyObject *config, *params;
     int nthreads = 1;
     const char *prec_name = "fp32";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|is", kwlist, &config, &params, &nthreads, &prec_name)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O&s", kwlist, &config, &params, thread_count, &nthreads, &prec_name)) return -1;
     if (parse_precision(prec_name) < 0) return -1; /* before the weights are looked at */
     PyObject *model = PyObject_CallFunctionObjArgs((PyObject *)&BackboneModelType, config, params, NULL);
     if (!model) return -1;
@@ -186,7 +186,7 @@ static PyArrayObject *check_images(PyObject *obj, int *B, int *S) {
     PyArrayObject *a = as_float_array(obj, "images", 4);
     if (!a) return NULL;
     npy_intp *d = PyArray_DIMS(a);
-    if (d[1] != 3 || d[2] != d[3] || d[0] < 1 || d[2] < 1 || d[0] > 1 << 20 || d[2] > 1 << 14) {
+    if (d[1] != 3 || d[2] != d[3] || d[0] < 1 || d[2] < 1 || d[0] > 1 << 20 || d[2] > VAD_MAX_IMAGE_SIDE) {
         PyErr_Format(PyExc_ValueError, "images must have shape (B, 3, S, S), got (%zd, %zd, %zd, %zd)",
                      (Py_ssize_t)d[0], (Py_ssize_t)d[1], (Py_ssize_t)d[2], (Py_ssize_t)d[3]);
         Py_DECREF(a);
@@ -441,7 +441,7 @@ static PyObject *BackboneModel_state(BackboneModelObject *self, PyObject *args, 
     static char *kwlist[] = {"num_threads", "precision", NULL};
     int nthreads = 1;
     const char *prec_name = "fp32";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|is", kwlist, &nthreads, &prec_name)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O&s", kwlist, thread_count, &nthreads, &prec_name)) return NULL;
     BackboneObject *state = (BackboneObject *)PyType_GenericNew(&BackboneType, NULL, NULL);
     if (!state) return NULL;
     if (backbone_attach(state, self, nthreads, prec_name)) {

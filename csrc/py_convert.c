@@ -1,8 +1,12 @@
 /* Argument conversion shared by the glue files: NumPy arrays in, status codes out. */
 #include "py_glue.h"
 
+#include <limits.h>
 #include <math.h>
+#include <sched.h>
+#include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cpu_features.h"
 #include "errors.h"
@@ -41,7 +45,45 @@ PyObject *new_float_array(int nd, npy_intp *dims) {
     return PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
 }
 
-/* Reads a sequence of ints (layers). Returns count or -1 with an exception set. */
+/* An exact Python int (not bool, not float) in [lo, hi] as a C int; -1 with ValueError/TypeError set
+ * otherwise (never truncated: 2**32 + 16 is refused, not read as 16). */
+static int exact_int(PyObject *v, long lo, long hi, const char *what, int *out) {
+    if (!PyLong_Check(v) || PyBool_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", what, Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long x = PyLong_AsLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (overflow || x < lo || x > hi) {
+        PyErr_Format(PyExc_ValueError, "%s must be in [%ld, %ld], got %R", what, lo, hi, v);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+/* Cores this process may run on (>= 1). */
+static int usable_cores(void) {
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)(n < INT_MAX ? n : INT_MAX) : 1;
+}
+
+/* "O&" converter for num_threads: an int in [1, VAD_MAX_THREADS] (else ValueError), capped at the
+ * number of usable cores so that no pool ever has more threads than the machine can run. */
+int thread_count(PyObject *v, void *out) {
+    int n;
+    if (exact_int(v, 1, VAD_MAX_THREADS, "num_threads", &n)) return 0;
+    int cores = usable_cores();
+    *(int *)out = n < cores ? n : cores;
+    return 1;
+}
+
+/* Reads a sequence of ints (layers) in [lo, hi]. Returns count or -1 with an exception set. */
 int read_int_list(PyObject *seq, int *out, int max, const char *what) {
     PyObject *fast = PySequence_Fast(seq, "layers must be a sequence of ints");
     if (!fast) return -1;
@@ -52,12 +94,10 @@ int read_int_list(PyObject *seq, int *out, int max, const char *what) {
         return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
-        if (v == -1 && PyErr_Occurred()) {
+        if (exact_int(PySequence_Fast_GET_ITEM(fast, i), INT_MIN, INT_MAX, what, &out[i])) {
             Py_DECREF(fast);
             return -1;
         }
-        out[i] = (int)v;
     }
     Py_DECREF(fast);
     return (int)n;
@@ -106,19 +146,33 @@ fail:
     return -1;
 }
 
+/* d[key] as an int in [0, INT_MAX] (the engine's config checks apply the real bounds). A missing
+ * required key is a ValueError, a non-int a TypeError, an out-of-range int a ValueError. */
 int dict_int(PyObject *d, const char *key, int *out, int required) {
     PyObject *v = PyDict_GetItemString(d, key);
     if (!v) {
         if (required) {
-            PyErr_Format(PyExc_KeyError, "backbone config is missing '%s'", key);
+            PyErr_Format(PyExc_ValueError, "config is missing '%s'", key);
             return -1;
         }
         return 0;
     }
-    long x = PyLong_AsLong(v);
-    if (x == -1 && PyErr_Occurred()) return -1;
-    *out = (int)x;
-    return 0;
+    char what[80];
+    snprintf(what, sizeof what, "config '%s'", key);
+    if (PyBool_Check(v)) { /* flags (patch_bias, ln_pre, layerscale) may be given as bools */
+        *out = v == Py_True;
+        return 0;
+    }
+    return exact_int(v, 0, INT_MAX, what, out);
+}
+
+PyObject *py_limits(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("{sisisisisisisisisi}", "width", VAD_MAX_WIDTH, "depth", VAD_MAX_DEPTH, "heads",
+                         VAD_MAX_HEADS, "patch", VAD_MAX_PATCH, "grid", VAD_MAX_GRID, "registers",
+                         VAD_MAX_REGISTERS, "mlp_hidden", VAD_MAX_MLP_HIDDEN, "image_side", VAD_MAX_IMAGE_SIDE,
+                         "threads", VAD_MAX_THREADS);
 }
 
 PyArrayObject *check_vector(PyObject *obj, const char *what, int D) {

@@ -19,6 +19,7 @@
 #include "encode.h"
 #include "head.h"
 #include "ops.h"
+#include "vad_limits.h"
 #include "vit.h"
 
 
@@ -61,11 +62,13 @@ PyObject *raise_status(int rc);
 PyArrayObject *as_float_array(PyObject *obj, const char *what, int ndim);
 int all_finite(const float *x, size_t n);
 PyObject *new_float_array(int nd, npy_intp *dims);
+int thread_count(PyObject *v, void *out);
 int read_int_list(PyObject *seq, int *out, int max, const char *what);
 int parse_layer_inputs(int L, int D, PyObject *feats_obj, PyObject *ta_obj, PyObject *tn_obj,
                               PyArrayObject **feats, const float **fptr, PyArrayObject **ta, PyArrayObject **tn,
                               int *B, int *N);
 int dict_int(PyObject *d, const char *key, int *out, int required);
+PyObject *py_limits(PyObject *self, PyObject *unused);
 PyArrayObject *check_vector(PyObject *obj, const char *what, int D);
 /* A parameter layout (vad_vit_layout, vad_head_layout) as ([(name, shape, offset, panel), ...], total). */
 typedef int (*vad_layout_fn)(const void *cfg, vad_tensor_entry *entries, int max, size_t *total);

@@ -86,8 +86,8 @@ static int Head_init(HeadObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"config", "params", "num_threads", NULL};
     PyObject *config, *params;
     int nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|i", kwlist, &config, &params, &nthreads)) return -1;
-    if (nthreads < 1) nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O&", kwlist, &config, &params, thread_count, &nthreads))
+        return -1;
     if (self->head) {
         PyErr_SetString(PyExc_RuntimeError, "Head is already initialised");
         return -1;
@@ -127,7 +127,7 @@ static PyObject *Head_maps(HeadObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "sigma must be a finite number in [0, 1000]");
         return NULL;
     }
-    if (S < 1 || S > 1 << 14) {
+    if (S < 1 || S > VAD_MAX_IMAGE_SIDE) {
         PyErr_Format(PyExc_ValueError, "image_size %d is out of range", S);
         return NULL;
     }

@@ -29,7 +29,7 @@ PyObject *py_binary_metrics(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *labels_obj, *scores_obj;
     int num_threads, f64;
-    if (!PyArg_ParseTuple(args, "OOi", &labels_obj, &scores_obj, &num_threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOO&", &labels_obj, &scores_obj, thread_count, &num_threads)) return NULL;
     PyArrayObject *labels = metrics_array(labels_obj, "y_true", NPY_UINT8);
     if (!labels) return NULL;
     PyArrayObject *scores = metrics_scores(scores_obj, "y_score", &f64);
@@ -83,7 +83,7 @@ PyObject *py_aupro(PyObject *self, PyObject *args) {
     PyObject *masks_obj, *maps_obj;
     double fpr_limit, out = 0.0;
     int num_threads, f64, rc;
-    if (!PyArg_ParseTuple(args, "OOdi", &masks_obj, &maps_obj, &fpr_limit, &num_threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOdO&", &masks_obj, &maps_obj, &fpr_limit, thread_count, &num_threads)) return NULL;
     PyArrayObject *masks, *maps;
     if (metrics_masks_maps(masks_obj, maps_obj, &masks, &maps, &f64)) return NULL;
     npy_intp *d = PyArray_DIMS(maps);
@@ -103,7 +103,7 @@ PyObject *py_aupro_anomalyclip(PyObject *self, PyObject *args) {
     PyObject *masks_obj, *maps_obj, *th_obj;
     double fpr_below, out = 0.0;
     int num_threads, f64, rc;
-    if (!PyArg_ParseTuple(args, "OOOdi", &masks_obj, &maps_obj, &th_obj, &fpr_below, &num_threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOdO&", &masks_obj, &maps_obj, &th_obj, &fpr_below, thread_count, &num_threads)) return NULL;
     PyArrayObject *th = metrics_array(th_obj, "thresholds", NPY_FLOAT64);
     if (!th) return NULL;
     PyArrayObject *masks, *maps;

@@ -52,7 +52,7 @@ static PyObject *py_gaussian_filter(PyObject *self, PyObject *args) {
     PyObject *obj;
     double sigma;
     int nthreads = 1;
-    if (!PyArg_ParseTuple(args, "Od|i", &obj, &sigma, &nthreads)) return NULL;
+    if (!PyArg_ParseTuple(args, "Od|O&", &obj, &sigma, thread_count, &nthreads)) return NULL;
     if (!isfinite(sigma) || sigma < 0 || sigma > 1000) {
         PyErr_SetString(PyExc_ValueError, "sigma must be a finite number in [0, 1000]");
         return NULL;
@@ -106,9 +106,9 @@ static PyObject *py_resize_bilinear(PyObject *self, PyObject *args) {
 static PyObject *py_sgemm_seconds(PyObject *self, PyObject *args) {
     (void)self;
     int n, repeats, nthreads;
-    if (!PyArg_ParseTuple(args, "iii", &n, &repeats, &nthreads)) return NULL;
-    if (n < 1 || n > 16384 || repeats < 1 || repeats > 1000 || nthreads < 1) {
-        PyErr_SetString(PyExc_ValueError, "need 1 <= n <= 16384, 1 <= repeats <= 1000, num_threads >= 1");
+    if (!PyArg_ParseTuple(args, "iiO&", &n, &repeats, thread_count, &nthreads)) return NULL;
+    if (n < 1 || n > 16384 || repeats < 1 || repeats > 1000) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= n <= 16384, 1 <= repeats <= 1000");
         return NULL;
     }
     double best = -1.0;
@@ -158,11 +158,11 @@ static PyObject *py_panel_linear(PyObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"x", "panels", "n_out", "bias", "out", "activation", "num_threads", NULL};
     PyObject *x_obj, *p_obj, *b_obj = Py_None, *o_obj = Py_None;
     int N, act = -1, nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOi|OOii", kwlist, &x_obj, &p_obj, &N, &b_obj, &o_obj, &act,
-                                     &nthreads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOi|OOiO&", kwlist, &x_obj, &p_obj, &N, &b_obj, &o_obj, &act,
+                                     thread_count, &nthreads))
         return NULL;
-    if (N < 1 || act < -1 || act > VAD_ACT_GELU || nthreads < 1 || nthreads > 256) {
-        PyErr_SetString(PyExc_ValueError, "need n_out >= 1, activation in {-1, 0, 1}, 1 <= num_threads <= 256");
+    if (N < 1 || act < -1 || act > VAD_ACT_GELU) {
+        PyErr_SetString(PyExc_ValueError, "need n_out >= 1, activation in {-1, 0, 1}");
         return NULL;
     }
     PyArrayObject *x = as_float_array(x_obj, "x", 2), *p = NULL, *b = NULL, *o = NULL;

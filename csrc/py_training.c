@@ -25,7 +25,7 @@ PyObject *Head_loss_and_grad(HeadObject *self, PyObject *args, PyObject *kwds) {
     }
     const vad_head_config *c = &self->cfg;
     int D = c->width, L = c->n_layers, B = 0, N = 0;
-    if (S < 1 || S > 1 << 14) {
+    if (S < 1 || S > VAD_MAX_IMAGE_SIDE) {
         PyErr_Format(PyExc_ValueError, "image_size %d is out of range", S);
         return NULL;
     }
@@ -124,8 +124,8 @@ PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kwds) {
     PyObject *p_obj, *g_obj, *m_obj, *v_obj, *seg_obj;
     int step, nthreads = 1;
     vad_adamw_params hp = vad_adamw_default_params();
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOi|dddi", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &seg_obj,
-                                     &step, &hp.beta1, &hp.beta2, &hp.eps, &nthreads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOi|dddO&", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &seg_obj,
+                                     &step, &hp.beta1, &hp.beta2, &hp.eps, thread_count, &nthreads))
         return NULL;
     if (inplace_vector(p_obj, "params") || inplace_vector(m_obj, "exp_avg") || inplace_vector(v_obj, "exp_avg_sq"))
         return NULL;

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 
 #include "blas.h"
+#include "vad_limits.h"
 
 struct vad_pool {
     int nthreads; /* including the calling thread */
@@ -53,6 +54,7 @@ static void *worker_main(void *arg) {
 
 vad_pool *vad_pool_create(int nthreads) {
     if (nthreads < 1) nthreads = 1;
+    if (nthreads > VAD_MAX_THREADS) nthreads = VAD_MAX_THREADS; /* the documented maximum */
     vad_blas_single_thread();
     vad_pool *p = (vad_pool *)calloc(1, sizeof(vad_pool));
     if (!p) return NULL;

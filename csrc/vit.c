@@ -8,6 +8,7 @@
 #include "attention_fused.h"
 #include "cpu_features.h"
 #include "errors.h"
+#include "vad_limits.h"
 #include "ops.h"
 #include "panel_gemm.h"
 #include "posembed.h"
@@ -20,6 +21,7 @@ typedef struct {
     vad_tensor_entry *entries;
     int max, count;
     size_t total;
+    int overflow; /* a size did not fit in size_t (impossible for a checked config) */
 } layout_builder;
 
 /* Appends one tensor. Plain tensors are stored row-major; with panel != 0 a linear weight
@@ -28,10 +30,12 @@ static const float *emit_stored(layout_builder *lb, const float *base, const cha
                                 int d0, int d1, int d2, int d3) {
     size_t size = 1;
     int dims[4] = {d0, d1, d2, d3};
-    for (int i = 0; i < ndim; i++) size *= (size_t)dims[i];
+    for (int i = 0; i < ndim; i++)
+        if (dims[i] < 0 || !vad_mul_size(size, (size_t)dims[i], &size)) lb->overflow = 1;
     if (panel) {
         size = vad_panel_floats(d0, d1);
-        lb->total = (lb->total + 15) / 16 * 16;
+        if (!vad_add_size(lb->total, 15, &lb->total)) lb->overflow = 1;
+        lb->total = lb->total / 16 * 16;
     }
     if (lb->entries && lb->count < lb->max) {
         vad_tensor_entry *e = &lb->entries[lb->count];
@@ -44,7 +48,7 @@ static const float *emit_stored(layout_builder *lb, const float *base, const cha
     }
     const float *p = base ? base + lb->total : NULL;
     lb->count++;
-    lb->total += size;
+    if (!vad_add_size(lb->total, size, &lb->total)) lb->overflow = 1;
     return p;
 }
 
@@ -108,6 +112,14 @@ int vad_vit_config_check(const vad_vit_config *c) {
         return vad_fail(VAD_ERR_VALUE, "backbone config: sizes must be positive (width=%d depth=%d "
                         "heads=%d patch=%d grid=%d mlp=%d registers=%d)", c->width, c->depth,
                         c->heads, c->patch, c->grid0, c->mlp_hidden, c->n_registers);
+    if (c->width > VAD_MAX_WIDTH || c->depth > VAD_MAX_DEPTH || c->heads > VAD_MAX_HEADS ||
+        c->patch > VAD_MAX_PATCH || c->grid0 > VAD_MAX_GRID || c->mlp_hidden > VAD_MAX_MLP_HIDDEN ||
+        c->n_registers > VAD_MAX_REGISTERS)
+        return vad_fail(VAD_ERR_VALUE, "backbone config: a size exceeds the engine's limits (width=%d <= %d, "
+                        "depth=%d <= %d, heads=%d <= %d, patch=%d <= %d, grid=%d <= %d, mlp_hidden=%d <= %d, "
+                        "registers=%d <= %d)", c->width, VAD_MAX_WIDTH, c->depth, VAD_MAX_DEPTH, c->heads,
+                        VAD_MAX_HEADS, c->patch, VAD_MAX_PATCH, c->grid0, VAD_MAX_GRID, c->mlp_hidden,
+                        VAD_MAX_MLP_HIDDEN, c->n_registers, VAD_MAX_REGISTERS);
     if (c->width % c->heads)
         return vad_fail(VAD_ERR_VALUE, "backbone config: width %d is not divisible by heads %d",
                         c->width, c->heads);
@@ -119,15 +131,16 @@ int vad_vit_config_check(const vad_vit_config *c) {
         return vad_fail(VAD_ERR_VALUE, "backbone config: cubic coefficient must be in [-2, 0]");
     if (!(c->ln_eps > 0.0f && c->ln_eps < 1.0f))
         return vad_fail(VAD_ERR_VALUE, "backbone config: layer-norm eps must be in (0, 1)");
-    if ((int64_t)c->width * c->mlp_hidden > (int64_t)1 << 30 || c->width > 1 << 16 || c->depth > 1024)
-        return vad_fail(VAD_ERR_VALUE, "backbone config: model too large");
+    if ((int64_t)c->width * c->mlp_hidden > (int64_t)1 << 30)
+        return vad_fail(VAD_ERR_VALUE, "backbone config: model too large (width x mlp_hidden > 2^30)");
     return VAD_OK;
 }
 
 int vad_vit_layout(const vad_vit_config *cfg, vad_tensor_entry *entries, int max, size_t *total) {
-    layout_builder lb = {entries, max, 0, 0};
+    layout_builder lb = {entries, max, 0, 0, 0};
     walk_layout(cfg, &lb, NULL, NULL);
     if (total) *total = lb.total;
+    if (lb.overflow) return vad_fail(-1, "backbone config: the weight layout overflows size_t");
     return lb.count;
 }
 
@@ -144,7 +157,7 @@ vad_vit_model *vad_vit_model_create(const vad_vit_config *cfg, const float *para
     }
     model->cfg = *cfg;
     model->params = params;
-    layout_builder lb = {NULL, 0, 0, 0};
+    layout_builder lb = {NULL, 0, 0, 0, 0};
     walk_layout(cfg, &lb, params, &model->w);
     return model;
 }

@@ -14,6 +14,7 @@ from . import _engine, model_cache
 from .backbone import EngineBackbone
 from .engine_info import PRECISIONS
 from .errors import CheckpointError, UntrainedHeadWarning
+from .limits import MAX_IMAGE_SIDE, check_int, check_threads
 from .head import default_layers, head_engine_config, init_head, pack_head, validate_head
 from .preprocess import ImageSource
 from .progress import Progress
@@ -47,7 +48,7 @@ def _layer_list(layers) -> list[int]:
         raise TypeError(f"layers must be a list of 1-based block indices, e.g. [{int(layers)}] for block "
                         f"{int(layers)}; got the int {int(layers)}")
     try:
-        return [int(l) for l in layers]
+        return [check_int(l, "layers[i]") for l in layers]  # 1.7 is refused, not read as 1
     except TypeError:
         raise TypeError(f"layers must be a list of 1-based block indices, got {type(layers).__name__}") from None
 
@@ -76,7 +77,8 @@ class Detector:
     threshold : float
         Decision threshold on ``anomaly_scores`` (:meth:`calibrate` sets it from normal images).
     num_threads : int, optional
-        Threads for the C engine (None = all cores).
+        Threads for the C engine (None = all usable cores). Larger values are capped at the usable
+        cores; values above ``visualad.limits.MAX_THREADS`` (256) are refused.
     precision : {"fp32", "bf16"}
         Arithmetic of the backbone. "fp32" (the default) is the parity-tested path. "bf16" runs the
         backbone's products with bf16 inputs and fp32 accumulation on the CPU's bf16 instructions
@@ -236,12 +238,8 @@ class Detector:
 
     # ------------------------------------------------------------------ lazy model state
     def _threads(self) -> int:
-        if self.num_threads is None:
-            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = int(self.num_threads)
-        if n < 1:
-            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
-        return n
+        """num_threads resolved: None = every usable core; capped at the cores and MAX_THREADS."""
+        return check_threads(self.num_threads)
 
     def _precision(self) -> str:
         if self.precision not in PRECISIONS:
@@ -327,16 +325,18 @@ class Detector:
 
     def _fresh_head(self, bb: EngineBackbone) -> dict:
         layers = _layer_list(self.layers) if self.layers is not None else default_layers(bb.depth)
-        size = self.image_size if self.image_size is not None else default_image_size(bb)
+        size = check_int(self.image_size if self.image_size is not None else default_image_size(bb), "image_size", 1,
+                         MAX_IMAGE_SIDE)
+        layers = [check_int(l, "layers[i]", 1, bb.depth) for l in layers]
         return init_head(bb.width, layers, bb.default_ln_post, size, self.random_state)
 
     def _settings(self):
         """Resolved (image_size, layers) after the model is loaded, validated."""
         bb = self._loaded_.backbone
         size = self.image_size if self.image_size is not None else self.head_.get("image_size", default_image_size(bb))
-        size = int(size)
+        size = check_int(size, "image_size", 1, MAX_IMAGE_SIDE)
         patch = bb.config["patch"]
-        if size <= 0 or size % patch:
+        if size % patch:
             raise ValueError(f"image_size {size} is not a positive multiple of the patch size {patch}")
         layers = self.layers if self.layers is not None else self.head_.get("features_list")
         if layers is None:
@@ -362,10 +362,7 @@ class Detector:
         return ImageSource(X, size, bb.mean, bb.std)
 
     def _batch_size(self) -> int:
-        bs = int(self.batch_size)
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        return bs
+        return check_int(self.batch_size, "batch_size", 1)
 
     # ------------------------------------------------------------------ API
     def encode(self, X) -> dict:
@@ -495,9 +492,7 @@ class Detector:
                                save_training_state, step_seed)
         if resume and checkpoint is None:
             raise ValueError("resume=True needs the checkpoint path to resume from")
-        epochs = int(self.epochs)
-        if epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        epochs = check_int(self.epochs, "epochs", 0)
         if y is None or epochs == 0:
             if y is None and masks is not None:
                 raise ValueError("masks were given without labels y")
@@ -711,7 +706,14 @@ class Detector:
 
     def decision_function(self, X) -> np.ndarray:
         """``score_samples(X) + threshold``: negative = anomaly."""
-        return self.score_samples(X) + np.float32(self.threshold)
+        threshold = np.float32(self._threshold())
+        return self.score_samples(X) + threshold
+
+    def _threshold(self) -> float:
+        t = float(self.threshold)
+        if not math.isfinite(t):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
+        return t
 
     def predict(self, X) -> np.ndarray:
         """-1 for anomalies, +1 for normal images."""

@@ -5,17 +5,18 @@ boolean or numeric with values 0 (normal) and 1 (anomalous); scores and maps are
 float64 (other numeric dtypes are converted to float64) and must be finite. Nothing is binned:
 scores are sorted once as exact integer keys (parallel radix sort), so the results equal the
 reference definitions up to floating-point rounding, and memory stays linear in the number of
-pixels (never thresholds x pixels).
+pixels (never thresholds x pixels). ``num_threads`` (keyword): None = every usable core; larger
+counts are capped at the usable cores, counts above ``visualad.limits.MAX_THREADS`` (256) refused.
 
 >>> from visualad import metrics
 >>> metrics.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
 0.75
 """
-import os
 
 import numpy as np
 
 from . import _engine
+from .limits import check_threads
 
 __all__ = ["roc_auc", "average_precision", "f1_max", "binary_metrics", "aupro", "aupro_anomalyclip"]
 
@@ -28,14 +29,8 @@ AUPRO_FPR_RULES = {"visualad": float(np.nextafter(ANOMALYCLIP_EXPECT_FPR, 1.0)),
 
 
 def _threads(num_threads):
-    if num_threads is None:
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            return os.cpu_count() or 1
-    if int(num_threads) < 1:
-        raise ValueError(f"num_threads must be >= 1 or None, got {num_threads!r}")
-    return int(num_threads)
+    """None = every usable core; an int in [1, limits.MAX_THREADS], capped at the usable cores."""
+    return check_threads(num_threads)
 
 
 def _binary(y, name):

@@ -17,9 +17,21 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from . import limits
+
 
 def _is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
+
+
+def check_image_size(width: int, height: int, where) -> None:
+    """Refuses empty images and images of more than :data:`visualad.limits.MAX_IMAGE_PIXELS`
+    pixels (checked from the header, before anything is decoded)."""
+    if width < 1 or height < 1:
+        raise ValueError(f"{where}: image is empty ({width}x{height})")
+    if width * height > limits.MAX_IMAGE_PIXELS:
+        raise ValueError(f"{where}: image of {width}x{height} = {width * height} pixels exceeds the limit of "
+                         f"{limits.MAX_IMAGE_PIXELS} (visualad.limits.MAX_IMAGE_PIXELS)")
 
 
 #: modes with more than 8 bits per sample and the value that maps to 255 (None: from the values)
@@ -30,12 +42,15 @@ def open_image(path) -> Image.Image:
     """The decoded image in its own mode (converted by :func:`resize_rgb`, in the official order)."""
     try:
         with Image.open(path) as im:
+            check_image_size(im.width, im.height, f"image {path}")
             im.load()
             return im.copy()
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
-    except Exception as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    except ValueError:
+        raise
+    except Exception as exc:  # decoder errors, truncated files, Pillow's own bomb error
+        raise ValueError(f"cannot read image {path}: {exc}") from None
 
 
 def _array_to_pil(arr: np.ndarray, where: str) -> Image.Image:
@@ -90,7 +105,7 @@ class ImageSource:
     """A uniform, indexable view of every input form docs/api.md accepts, decoded lazily."""
 
     def __init__(self, X, size: int, mean, std):
-        self.size, self.mean, self.std = int(size), mean, std
+        self.size, self.mean, self.std = limits.check_int(size, "image_size", 1, limits.MAX_IMAGE_SIDE), mean, std
         self.prepared = None
         if isinstance(X, np.ndarray) and X.dtype == np.float32 and X.ndim == 4:
             if X.shape[1] != 3 or X.shape[2] != self.size or X.shape[3] != self.size:
@@ -135,6 +150,7 @@ class ImageSource:
             im = _array_to_pil(item, f"image {i}")
         else:
             raise TypeError(f"image {i}: unsupported type {type(item).__name__}")
+        check_image_size(im.width, im.height, f"image {i}")
         return normalize_pil(im, self.size, self.mean, self.std)
 
     def batch(self, start: int, stop: int) -> np.ndarray:

@@ -15,6 +15,8 @@ import os
 from collections import OrderedDict
 
 from ..errors import CheckpointError
+from ..limits import MAX_JSON_BYTES
+from .describe import describe
 from .files import read_file
 
 _PREFERRED = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -28,9 +30,16 @@ _ACTIVATIONS = ("quick_gelu", "gelu")  # the engine's activations a config may n
 def _read_json(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            value = json.loads(f.read().decode("utf-8"))
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: JSON file larger than {MAX_JSON_BYTES} bytes")
+        value = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: not a readable JSON file ({describe(str(exc))})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return value
@@ -62,7 +71,7 @@ def _read_sharded(folder: str, index_name: str) -> tuple[OrderedDict, str]:
     tensors: OrderedDict = OrderedDict()
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
-            raise CheckpointError(f"{index_path}: shard {shard!r} of '{name}' is not a file in the folder")
+            raise CheckpointError(f"{index_path}: shard {describe(shard)} of '{name}' is not a file in the folder")
         if shard not in shards:
             contents = read_file(os.path.join(folder, shard))
             shards[shard] = contents.tensors()
@@ -92,8 +101,8 @@ def apply_config(config: dict, family: str, arch: dict, hints: dict, where: str)
     """Checks a transformers ``config.json`` against the architecture of the weights and takes
     eps, activation and heads from it into ``hints``."""
     model_type = config.get("model_type")
-    if model_type not in _FAMILIES:
-        raise CheckpointError(f"{where}: config.json model_type {model_type!r} is not a CLIP or DINOv2 model")
+    if not isinstance(model_type, str) or model_type not in _FAMILIES:
+        raise CheckpointError(f"{where}: config.json model_type {describe(model_type)} is not a CLIP or DINOv2 model")
     if model_type == "clip":
         config = config.get("vision_config")
         if not isinstance(config, dict):
@@ -109,26 +118,27 @@ def apply_config(config: dict, family: str, arch: dict, hints: dict, where: str)
             expected["num_register_tokens"] = arch["registers"]
     for key, value in expected.items():
         if key in config and config[key] != value:
-            raise CheckpointError(f"{where}: config.json {key}={config[key]!r} but the weights imply {value!r}")
+            raise CheckpointError(f"{where}: config.json {key}={describe(config[key])} but the weights imply {value!r}")
     size = config.get("image_size")
-    if size is not None and (not isinstance(size, int) or size // arch["patch"] != arch["grid"]):
-        raise CheckpointError(f"{where}: config.json image_size={size!r} does not give the weights' grid of "
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                             or size // arch["patch"] != arch["grid"]):
+        raise CheckpointError(f"{where}: config.json image_size={describe(size)} does not give the weights' grid of "
                               f"{arch['grid']} patches of {arch['patch']}")
     heads = config.get("num_attention_heads")
     if heads is not None:
-        if not isinstance(heads, int) or heads <= 0 or arch["width"] % heads:
-            raise CheckpointError(f"{where}: config.json num_attention_heads={heads!r} does not divide "
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0 or arch["width"] % heads:
+            raise CheckpointError(f"{where}: config.json num_attention_heads={describe(heads)} does not divide "
                                   f"the width {arch['width']}")
         hints["heads"] = heads
     eps = config.get("layer_norm_eps")
     if eps is not None:
-        if not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise CheckpointError(f"{where}: config.json layer_norm_eps={eps!r} is not a small positive number")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise CheckpointError(f"{where}: config.json layer_norm_eps={describe(eps)} is not a small positive number")
         hints["ln_eps"] = float(eps)
     act = config.get("hidden_act")
     if act is not None and not arch["swiglu"]:
         if act not in _ACTIVATIONS or (family == "dinov2" and act != "gelu"):
-            raise CheckpointError(f"{where}: config.json hidden_act={act!r} is not supported")
+            raise CheckpointError(f"{where}: config.json hidden_act={describe(act)} is not supported")
         hints["activation"] = act
     if family == "dinov2":
         # transformers resizes DINOv2 positions its own way: bicubic to the grid size, antialiased

@@ -13,6 +13,8 @@ import math
 import numpy as np
 
 from ..errors import CheckpointError
+from ..limits import MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS
+from .describe import describe
 from .dtypes import ElementType
 
 
@@ -50,9 +52,10 @@ class Storage:
 
 
 def _ints(values, what: str, where: str) -> tuple:
-    if not isinstance(values, (tuple, list)) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise CheckpointError(f"{where}: tensor {what} must be a sequence of non-negative ints, got {values!r}")
+    if not isinstance(values, (tuple, list)) or len(values) > MAX_TENSOR_DIMS or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TENSOR_ELEMENTS for v in values):
+        raise CheckpointError(f"{where}: tensor {what} must be a sequence of non-negative ints (at most "
+                              f"{MAX_TENSOR_DIMS}, each <= {MAX_TENSOR_ELEMENTS}), got {describe(values)}")
     return tuple(values)
 
 
@@ -65,8 +68,9 @@ class LazyTensor:
         self.storage, self.etype = storage, etype
         self.shape = _ints(shape, "shape", where)
         self.strides = _ints(strides, "strides", where)
-        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-            raise CheckpointError(f"{where}: tensor storage offset must be a non-negative int, got {offset!r}")
+        if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_TENSOR_ELEMENTS:
+            raise CheckpointError(f"{where}: tensor storage offset must be an int in [0, {MAX_TENSOR_ELEMENTS}], "
+                                  f"got {describe(offset)}")
         if len(self.strides) != len(self.shape):
             raise CheckpointError(f"{where}: tensor has {len(self.shape)} dims but {len(self.strides)} strides")
         self.offset = offset
@@ -75,6 +79,10 @@ class LazyTensor:
             raise CheckpointError(
                 f"{where}: tensor of shape {self.shape} (strides {self.strides}, offset {offset}) needs "
                 f"{offset + self._extent()} elements of {etype.name} but its storage holds {capacity}")
+        if self.size > capacity:  # overlapping (e.g. stride-0) views would be materialised much larger
+            raise CheckpointError(
+                f"{where}: tensor of shape {self.shape} (strides {self.strides}) has {self.size} elements but "
+                f"its storage holds only {capacity}; overlapping views are not supported")
 
     @property
     def size(self) -> int:

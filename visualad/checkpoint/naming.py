@@ -190,6 +190,8 @@ def _convert_blocks(spec: NamingSpec, local: Mapping, where: str) -> dict:
     for key, value in local.items():
         m = rx.fullmatch(key)
         if m:
+            if len(m.group(1)) > 4:  # a block index far beyond any model (and beyond int()'s digit limit)
+                raise CheckpointError(f"{where}: tensor '{key[:80]}' has an implausible block index")
             blocks.setdefault(int(m.group(1)), {})[m.group(2)] = value
     out = {}
     for i, block in sorted(blocks.items()):

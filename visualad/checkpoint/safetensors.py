@@ -18,17 +18,20 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..errors import CheckpointError
+from ..limits import MAX_JSON_BYTES, MAX_TENSOR_DIMS
+from .describe import describe
 from .dtypes import SAFETENSORS_DTYPES, safetensors_name
 from .lazy import LazyTensor, Storage, to_numpy
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit of the reference implementation
+MAX_FILE_OFFSET = 1 << 62  # no file is larger
+MAX_HEADER_BYTES = MAX_JSON_BYTES  # real headers are far smaller (ViT-g: ~0.1 MB)
 
 
 def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_FILE_OFFSET
 
 
-def _read_header(path: str) -> tuple[dict, dict, int, int]:
+def read_header(path: str) -> tuple[dict, dict, int, int]:
     """``(entries, metadata, data_start, data_len)`` of a safetensors file, fully validated."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -45,12 +48,14 @@ def _read_header(path: str) -> tuple[dict, dict, int, int]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({describe(str(exc))})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: safetensors '__metadata__' must be an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: safetensors '__metadata__' must be an object of strings")
     data_start, data_len = 8 + n, size - 8 - n
     entries = {}
     for name, entry in header.items():
@@ -58,13 +63,13 @@ def _read_header(path: str) -> tuple[dict, dict, int, int]:
             raise CheckpointError(f"{path}: tensor '{name}' needs exactly dtype, shape and data_offsets")
         etype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
         if etype is None:
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']!r}")
+            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {describe(entry['dtype'])}")
         shape, offsets = entry["shape"], entry["data_offsets"]
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise CheckpointError(f"{path}: tensor '{name}' has a malformed shape {shape!r}")
+        if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{path}: tensor '{name}' has a malformed shape {describe(shape)}")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
                 or offsets[0] > offsets[1]):
-            raise CheckpointError(f"{path}: tensor '{name}' has malformed data_offsets {offsets!r}")
+            raise CheckpointError(f"{path}: tensor '{name}' has malformed data_offsets {describe(offsets)}")
         begin, end = offsets
         if end > data_len:
             raise CheckpointError(f"{path}: tensor '{name}' data_offsets {offsets} lie outside the data "
@@ -83,7 +88,7 @@ def _read_header(path: str) -> tuple[dict, dict, int, int]:
 def open_safetensors(path: str) -> tuple[OrderedDict, dict]:
     """``(tensors, metadata)``: the tensors of a safetensors file as :class:`LazyTensor` (in file
     order) and the ``__metadata__`` strings."""
-    entries, metadata, data_start, _ = _read_header(path)
+    entries, metadata, data_start, _ = read_header(path)
     tensors = OrderedDict()
     for name, (etype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
         storage = Storage(end - begin, f"{path}:{name}")

@@ -4,7 +4,9 @@ Layout: one top-level folder (named after the file, ``archive`` or anything else
 ``data.pkl`` (the pickled object), ``data/<key>`` (one uncompressed member per storage, raw
 little-endian elements), ``byteorder`` (optional) and bookkeeping members. Storage members are
 located through their local zip headers and read straight from the file, never decompressed or
-copied whole.
+copied whole. ``data.pkl`` (stored or deflated only: bzip2 and lzma members can expand without
+bound inside one decompression call) is read once, after its declared size has been checked
+against :data:`visualad.limits.MAX_PICKLE_BYTES`, and unpickled from that buffer without a copy.
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ import struct
 import zipfile
 
 from ..errors import CheckpointError
+from ..limits import MAX_PICKLE_BYTES, MAX_SMALL_MEMBER_BYTES
+from .describe import describe
 from .dtypes import ElementType
 from .lazy import Storage
 from .unpickler import unpickle
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # signature ... name length, extra length
-_MAX_PICKLE_BYTES = 1 << 30
+_STREAMABLE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # decompressed in bounded steps by zipfile
 
 
 def _top_folder(names: list[str], path: str) -> str:
@@ -28,7 +32,7 @@ def _top_folder(names: list[str], path: str) -> str:
         return ""
     tops = sorted({n.split("/", 1)[0] for n in names if "/" in n})
     if len(tops) != 1:
-        raise CheckpointError(f"{path}: a torch archive has one top-level folder, found {tops or 'none'}")
+        raise CheckpointError(f"{path}: a torch archive has one top-level folder, found {describe(tops) if tops else 'none'}")
     if f"{tops[0]}/data.pkl" not in names:
         raise CheckpointError(f"{path}: torch archive has no '{tops[0]}/data.pkl'")
     return tops[0] + "/"
@@ -44,13 +48,35 @@ def _data_offset(f, info: zipfile.ZipInfo, path: str) -> int:
     return info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
 
 
+def _open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, path: str):
+    """A stream of a small member, refused before decompression when its declared size exceeds
+    ``limit`` or its compression could expand without bound."""
+    if info.file_size > limit:
+        raise CheckpointError(f"{path}: member '{info.filename}' declares {info.file_size} bytes, "
+                              f"more than the {limit} a torch archive needs")
+    if info.compress_type not in _STREAMABLE or info.flag_bits & 1:
+        raise CheckpointError(f"{path}: member '{info.filename}' is encrypted or uses an unsupported "
+                              f"compression ({info.compress_type}); torch archives are stored")
+    try:
+        return zf.open(info)
+    except Exception as exc:  # unsupported features, bad local header
+        raise CheckpointError(f"{path}: cannot open member '{info.filename}' ({exc})") from None
+
+
 def _byteorder(zf: zipfile.ZipFile, top: str, path: str) -> str:
     try:
-        text = zf.read(top + "byteorder").decode("ascii", "replace").strip()
+        info = zf.getinfo(top + "byteorder")
     except KeyError:
         return "<"  # archives from before the member existed are little-endian
+    try:
+        with _open_member(zf, info, MAX_SMALL_MEMBER_BYTES, path) as member:
+            text = member.read(MAX_SMALL_MEMBER_BYTES + 1).decode("ascii", "replace").strip()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # CRC errors, truncated or corrupt deflate data
+        raise CheckpointError(f"{path}: cannot read '{top}byteorder' ({exc})") from None
     if text not in ("little", "big"):
-        raise CheckpointError(f"{path}: unknown byteorder {text!r}")
+        raise CheckpointError(f"{path}: unknown byteorder {describe(text)}")
     return "<" if text == "little" else ">"
 
 
@@ -65,22 +91,14 @@ def read_torch_zip(path: str):
         names = zf.namelist()
         top = _top_folder(names, path)
         info = zf.getinfo(top + "data.pkl")
-        if info.file_size > _MAX_PICKLE_BYTES:
-            raise CheckpointError(f"{path}: '{top}data.pkl' declares {info.file_size} bytes, too large")
-        try:
-            pickled = zf.read(info)
-            order = _byteorder(zf, top, path)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # CRC errors, truncated members, unsupported compression
-            raise CheckpointError(f"{path}: cannot read '{top}data.pkl' ({exc})") from None
+        order = _byteorder(zf, top, path)
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
 
             def resolve(etype: ElementType, key: str, numel: int, extra: tuple) -> Storage:
                 name = f"{top}data/{key}"
                 if extra:
-                    raise CheckpointError(f"{path}: unexpected storage view {extra!r} for '{name}'")
+                    raise CheckpointError(f"{path}: unexpected storage view {describe(extra)} for '{name}'")
                 try:
                     member = zf.getinfo(name)
                 except KeyError:
@@ -99,4 +117,12 @@ def read_torch_zip(path: str):
                 storage.attach(path, offset)
                 return storage
 
-            return unpickle(io.BytesIO(pickled), f"{path}:{top}data.pkl", resolve)
+            where = f"{path}:{top}data.pkl"
+            try:  # one bounded read (zipfile stops at the declared size), then unpickled in place
+                with _open_member(zf, info, MAX_PICKLE_BYTES, path) as member:
+                    pickled = member.read(info.file_size)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # CRC errors, truncated or corrupt deflate data
+                raise CheckpointError(f"{where}: cannot read the member ({exc})") from None
+            return unpickle(io.BytesIO(pickled), where, resolve)

@@ -12,6 +12,8 @@ import re
 from collections.abc import Mapping
 
 from ..errors import CheckpointError
+from ..limits import MAX_DEPTH, MAX_GRID, MAX_PATCH, MAX_REGISTERS, MAX_WIDTH
+from .describe import describe
 from .lazy import is_floating, shape_of
 
 
@@ -37,6 +39,9 @@ def _patch(t: Mapping, key: str, where: str) -> tuple[int, int]:
     s = _shape(t, key, where)
     if len(s) != 4 or s[1] != 3 or s[2] != s[3] or s[0] == 0 or s[2] == 0:
         raise CheckpointError(f"{where}: tensor '{key}' has shape {s}, expected (D, 3, P, P)")
+    if s[0] > MAX_WIDTH or s[2] > MAX_PATCH:
+        raise CheckpointError(f"{where}: tensor '{key}' has shape {s}: width <= {MAX_WIDTH} and patch <= "
+                              f"{MAX_PATCH} are supported")
     return s[0], s[2]
 
 
@@ -44,14 +49,18 @@ def _grid(rows: int, key: str, where: str) -> int:
     g = math.isqrt(max(rows - 1, 0))
     if g == 0 or g * g != rows - 1:
         raise CheckpointError(f"{where}: tensor '{key}' has {rows} positions, expected 1 + G*G")
+    if g > MAX_GRID:
+        raise CheckpointError(f"{where}: tensor '{key}' has a {g}x{g} position grid; at most {MAX_GRID} is supported")
     return g
 
 
 def _depth(t: Mapping, prefix: str, where: str) -> int:
-    rx = re.compile(re.escape(prefix) + r"(\d+)\.")
+    rx = re.compile(re.escape(prefix) + r"(\d{1,9})\.")
     found = {int(m.group(1)) for k in t for m in [rx.match(k)] if m}
     if not found:
         raise CheckpointError(f"{where}: no transformer blocks ('{prefix}0...')")
+    if max(found) >= MAX_DEPTH:
+        raise CheckpointError(f"{where}: block index {describe(max(found))} exceeds the limit of {MAX_DEPTH} blocks")
     missing = sorted(set(range(max(found) + 1)) - found)
     if missing:
         raise CheckpointError(f"{where}: transformer block(s) {missing} are missing")
@@ -106,6 +115,8 @@ def check_dinov2(t: Mapping, where: str) -> dict:
         if len(reg) != 3 or reg[0] != 1 or reg[2] != d:
             raise CheckpointError(f"{where}: tensor 'register_tokens' has shape {reg}, expected (1, R, {d})")
         registers = reg[1]
+        if registers > MAX_REGISTERS:
+            raise CheckpointError(f"{where}: {registers} register tokens; at most {MAX_REGISTERS} are supported")
     _shape(t, "norm.weight", where, (d,))
     _shape(t, "norm.bias", where, (d,))
     depth = _depth(t, "blocks.", where)
@@ -135,4 +146,4 @@ def check_tower(family: str, tensors: Mapping, where: str) -> dict:
         return check_clip(tensors, where)
     if family == "dinov2":
         return check_dinov2(tensors, where)
-    raise CheckpointError(f"{where}: unknown backbone family {family!r}")
+    raise CheckpointError(f"{where}: unknown backbone family {family}")

@@ -1,0 +1,1 @@
+"""Mutation fuzzing of visualad's readers and image path (see campaign.py)."""
