@@ -98,12 +98,15 @@ def test_each_worker_loads_the_model_once(demo_root, client):
     assert set(client.run(loads).values()) == {1}
 
 
-def test_dask_and_sklearn_are_imported_only_when_asked_for():
+def test_dask_and_sklearn_are_imported_only_when_asked_for(tmp_path):
     import subprocess
     import sys
     code = ("import sys, visualad, visualad.cli, visualad.evaluation; visualad.cli.build_parser(); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'dask', 'distributed', 'sklearn'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # from an empty folder: `-c` puts the working folder first on sys.path, and the repository root
+    # holds the source package without its compiled engine
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(visualad.__file__))))
     assert out.stdout.strip() == "[]", out.stdout
 
 

@@ -236,7 +236,7 @@ def test_convert_onnx(tmp_path):
 def test_onnx_imported_only_for_onnx_files(tmp_path):
     code = ("import sys, visualad.demo as v; d = v.default_detector(); d.features(__import__('numpy').zeros("
             "(1, 8, 8, 3), 'uint8')); print('onnx' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(visualad.__file__))))
     assert out.stdout.strip() == "False"
 

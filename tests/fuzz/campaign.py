@@ -218,6 +218,7 @@ def run_campaign(seeds: dict, out_dir: str, executions: int = 10 ** 9, seconds: 
                  slow_seconds: float = 2.0, hang_seconds: float = 120.0, nice: int = 0, progress=None) -> dict:
     """Fuzzes until ``executions`` inputs or ``seconds`` have passed; returns the summary (also
     written to ``out_dir/summary.json``). ``progress(summary)`` is called after every report."""
+    out_dir = os.path.abspath(out_dir)  # the worker runs in its scratch folder
     os.makedirs(out_dir, exist_ok=True)
     seeds_file = os.path.join(out_dir, "seeds.json")
     with open(seeds_file, "w") as f:
@@ -241,7 +242,7 @@ def run_campaign(seeds: dict, out_dir: str, executions: int = 10 ** 9, seconds: 
                seeds_file, out_dir, scratch, str(executions - total["executions"]), str(left),
                str(seed * 1000 + run), str(slow_seconds)]
         with open(os.path.join(out_dir, "worker.stderr"), "a") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True,
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True, cwd=scratch,
                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
         run += 1
         last_report: dict = {}
