@@ -83,8 +83,7 @@ def _full_scale(im: Image.Image) -> float | None:
 def resize_rgb(im: Image.Image, size: int) -> Image.Image:
     """The S x S RGB image the model sees: PIL bicubic resize in the image's own mode, then RGB
     (wide modes scaled to 8 bits first, see the module docstring)."""
-    if im.width < 1 or im.height < 1:
-        raise ValueError(f"the image has no pixels ({im.width} x {im.height})")
+    check_image_size(im.width, im.height, "image")
     scale = _full_scale(im)
     im = im.resize((size, size), Image.BICUBIC)
     if scale is not None:
