@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_encode import random_openai  # noqa: E402
-from timing import StealMeter, interleaved_medians  # noqa: E402
+from timing import StealMeter, interleaved_medians, peak_rss_mb  # noqa: E402
 from torch_eager import ClipVisualADTower, clip_flops  # noqa: E402
 
 import visualad  # noqa: E402
@@ -132,16 +131,6 @@ def rss_child(cfg_index, precision, threads):
     x = np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype(np.float32)
     det.encode(x)
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM: unlike ru_maxrss it does not carry the parent's
-    peak across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():

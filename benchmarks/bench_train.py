@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,19 +88,11 @@ def run_torch(model, batch, threads, steps, bf16=False):
     return times
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM: unlike ru_maxrss it does not carry the parent's
-    peak across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(args):
     fn = run_ours if args.which.startswith("ours") else run_torch
     times = fn(args.model, args.batch, args.threads, args.steps, bf16=args.which.endswith("bf16"))
+    sys.path.insert(0, HERE)
+    from timing import peak_rss_mb
     peak_mb = peak_rss_mb()
     print(json.dumps({"median_s": statistics.median(times), "peak_rss_mb": peak_mb}))
 

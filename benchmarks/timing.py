@@ -6,6 +6,7 @@ therefore alternates the two calls repeat by repeat, and `StealMeter` reports ho
 host took while a benchmark ran, so a noisy run can be recognised as such."""
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 
@@ -64,3 +65,13 @@ class StealMeter:
         if self._start and end and end[0] > self._start[0]:
             self.percent = 100.0 * (end[1] - self._start[1]) / (end[0] - self._start[0])
         return False
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss it does not carry the parent's
+    peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
