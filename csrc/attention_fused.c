@@ -7,20 +7,19 @@
 
 #include "bf16.h"
 #include "cpu_features.h"
-#include "mathfun.h"
 
 #define QR 6  /* query rows per register block (6 x 64 scores = 24 zmm) */
 #define KB 64 /* keys per block */
 
 static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
-/* Per-worker scratch in floats: packed K and V of one head, the query rows (bf16), the output
- * and probability blocks. Sized for the larger of the two precisions. */
+/* Per-worker scratch in floats: packed K and V of one head, the query rows (bf16), the output,
+ * probability and row-sum blocks. Sized for the larger of the two precisions. */
 static size_t worker_floats(int T, int dh) {
     size_t nkb = (size_t)(T + KB - 1) / KB, dhv = round16((size_t)dh), dh2 = ((size_t)dh + 1) / 2;
     size_t f32 = round16(nkb * dh * KB) + round16(nkb * KB * dhv);
     size_t b16 = round16(nkb * dh2 * KB) + round16(nkb * (KB / 2) * dhv) + round16((size_t)T * dh2);
-    return (f32 > b16 ? f32 : b16) + round16(QR * dhv) + round16(QR * KB);
+    return (f32 > b16 ? f32 : b16) + round16(QR * dhv) + round16(QR * KB) + QR * 16;
 }
 
 size_t vad_attention_fused_scratch(int T, int head_dim, int nthreads) {
@@ -47,232 +46,368 @@ typedef struct {
     int T, D, heads, precision;
 } fused_ctx;
 
+/* One block of QR query rows against one key block: the inputs of block_f32 / block_bf16. */
+typedef struct {
+    const void *q[QR];    /* the query rows: fp32 rows of Q (stride ld) or bf16 rows of the packed Q */
+    const void *k, *v;    /* this key block of the packed K and V */
+    float *acc, *P, *lsum; /* output rows [QR][dhv], probabilities [QR][KB], row sums [QR][16] */
+    float *m;             /* running row maxima [QR] */
+    int dh, dhv, nk;      /* head size, padded to 16, valid keys in this block */
+    float c;              /* 1 / sqrt(dh) * log2(e): scores to base-2 exponents */
+} block_args;
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
 #define VAD_AVX512 __attribute__((target("avx512f")))
-
-/* vad_expf (mathfun.h) on 16 lanes, the same operations in the same order. */
-VAD_AVX512 static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
-    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-    r = _mm512_add_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
-    __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
-    __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
-}
+#define VAD_INLINE static inline __attribute__((always_inline))
 
 static __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
-/* Online-softmax step for one query row and one key block: s (4 x 16 raw scores, nk valid) ->
- * probabilities p (stored to prow, 0 past nk), running max *m and sum *l; returns the factor the
- * row's output accumulated so far must be multiplied by. */
-VAD_AVX512 static inline __attribute__((always_inline)) float softmax_step(const __m512 *s, int nk, float scale,
-                                                                           float *m, float *l, __m512 *p) {
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int v = 0; v < 4; v++) mx = _mm512_mask_max_ps(mx, lanes(nk - 16 * v), mx, s[v]);
-    float bm = _mm512_reduce_max_ps(mx), m_new = bm > *m ? bm : *m;
-    /* exp(0) is exactly 1: skip it when the maximum did not grow (most blocks after the first) */
-    float alpha = *m == -INFINITY ? 0.0f : m_new == *m ? 1.0f : vad_expf((*m - m_new) * scale);
-    __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(m_new), sc = _mm512_set1_ps(scale);
-    for (int v = 0; v < 4; v++) {
-        p[v] = _mm512_maskz_mov_ps(lanes(nk - 16 * v), exp16(_mm512_mul_ps(_mm512_sub_ps(s[v], mv), sc)));
-        sum = _mm512_add_ps(sum, p[v]);
-    }
-    *l = *l * alpha + _mm512_reduce_add_ps(sum);
-    *m = m_new;
-    return alpha;
+/* 2^t on 16 lanes: t = n + f with n an integer and |f| <= 1/2, 2^f by a degree-6 polynomial
+ * (relative error ~1e-7, the fp32 rounding), times 2^n by vscalefps. t below -126 gives 2^-126. */
+VAD_AVX512 VAD_INLINE __m512 exp2_16(__m512 t) {
+    t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5345810970757157e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399930903688073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618489071726799e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550328642129898e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022646248340607f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
 }
 
-/* o[r, :] *= alpha for one row of the output accumulator (dhv floats). */
-VAD_AVX512 static void scale_row(float *o, int dhv, float alpha) {
-    if (alpha == 1.0f) return;
-    __m512 a = _mm512_set1_ps(alpha);
-    for (int d = 0; d < dhv; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), a));
+/* Online-softmax step for QR rows of scores s (nv vectors of 16 keys each, nk valid) against the
+ * running maxima m: s becomes the probabilities 2^(c (s - m_new)) (0 past nk), the lane-wise row
+ * sums lsum and the output rows acc (dhv floats each) are rescaled by 2^(c (m_old - m_new)) and
+ * the sums accumulate the new probabilities. Shared by both precisions. */
+VAD_AVX512 VAD_INLINE void softmax_rows(__m512 s[QR][4], int nv, const block_args *a) {
+    __mmask16 km[4];
+    for (int v = 0; v < nv; v++) km[v] = lanes(a->nk - 16 * v);
+    for (int r = 0; r < QR; r++) {
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int v = 0; v < nv; v++) mx = _mm512_mask_max_ps(mx, km[v], mx, s[r][v]);
+        float m_old = a->m[r], bm = _mm512_reduce_max_ps(mx), m_new = bm > m_old ? bm : m_old;
+        __m512 sum = _mm512_loadu_ps(a->lsum + 16 * r), mc = _mm512_set1_ps(m_new * a->c), cv = _mm512_set1_ps(a->c);
+        /* the factor is exactly 1 when the maximum did not grow (most blocks after the first) */
+        if (m_new != m_old) {
+            float alpha = m_old == -INFINITY ? 0.0f : _mm512_cvtss_f32(exp2_16(_mm512_set1_ps((m_old - m_new) * a->c)));
+            __m512 al = _mm512_set1_ps(alpha);
+            float *o = a->acc + (size_t)r * a->dhv;
+            for (int d = 0; d < a->dhv; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), al));
+            sum = _mm512_mul_ps(sum, al);
+            a->m[r] = m_new;
+        }
+        for (int v = 0; v < nv; v++) {
+            s[r][v] = _mm512_maskz_mov_ps(km[v], exp2_16(_mm512_fmsub_ps(s[r][v], cv, mc)));
+            sum = _mm512_add_ps(sum, s[r][v]);
+        }
+        _mm512_storeu_ps(a->lsum + 16 * r, sum);
+    }
 }
 
-/* out rows r0.. (mr of them, stride ldo) = acc / l */
-static void finish_rows(float *out, int ldo, const float *acc, int dhv, const float *l, int mr, int dh) {
-    for (int r = 0; r < mr; r++) {
-        float inv = 1.0f / l[r];
-        for (int d = 0; d < dh; d++) out[(size_t)r * ldo + d] = acc[(size_t)r * dhv + d] * inv;
+/* 16 x 16 transpose of 32-bit elements: r[i] lane j <-> r[j] lane i. */
+VAD_AVX512 VAD_INLINE void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
     }
+    for (int i = 0; i < 4; i++) { /* r[4i + k], 128-bit lane L: column 4L + k of rows 4i .. 4i + 3 */
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int k = 0; k < 4; k++) { /* 4 x 4 transpose of 128-bit lanes among r[k], r[4 + k], r[8 + k], r[12 + k] */
+        __m512 u0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), u1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);
+        __m512 u2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), u3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
+        t[k] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+        t[8 + k] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
+        t[4 + k] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+        t[12 + k] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* Prefetches the first n floats of rows t .. t + 15 (stride ld) below T: the rows of one head sit
+ * a page or more apart, beyond the hardware prefetchers' reach. */
+static void prefetch_rows(const float *x, int ld, int t, int T, int n) {
+    for (int i = t; i < t + 16 && i < T; i++)
+        for (int d = 0; d < n; d += 16) __builtin_prefetch(x + (size_t)i * ld + d);
+}
+
+/* The output accumulator rows [QR][dhv], columns g .. g + 63 (masked past dhv), into / from o. */
+VAD_AVX512 VAD_INLINE void load_acc(__m512 o[QR][4], const float *acc, int dhv, int g, const __mmask16 *mk) {
+    for (int r = 0; r < QR; r++)
+        for (int v = 0; v < 4; v++) o[r][v] = _mm512_maskz_loadu_ps(mk[v], acc + (size_t)r * dhv + g + 16 * v);
+}
+
+VAD_AVX512 VAD_INLINE void store_acc(float *acc, const __m512 o[QR][4], int dhv, int g, const __mmask16 *mk) {
+    for (int r = 0; r < QR; r++)
+        for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(acc + (size_t)r * dhv + g + 16 * v, mk[v], o[r][v]);
+}
+
+VAD_AVX512 VAD_INLINE void col_masks(__mmask16 mk[4], int dhv, int g) {
+    for (int v = 0; v < 4; v++) mk[v] = lanes(dhv - g - 16 * v);
 }
 
 /* ---------------------------------------------------------------- fp32 */
 
 /* K as key blocks [kb][d][64] (transposed, zero past T); V as rows [t][dhv] (zero padded). */
-static void pack_f32(const float *K, const float *V, int ld, int T, int dh, int dhv, float *Kt, float *Vp) {
+VAD_AVX512 static void pack_f32(const float *K, const float *V, int ld, int T, int dh, int dhv, float *Kt, float *Vp) {
     int nkb = (T + KB - 1) / KB;
-    for (int t = 0; t < nkb * KB; t++) {
-        float *kt = Kt + (size_t)(t / KB) * dh * KB + t % KB, *vp = Vp + (size_t)t * dhv;
-        for (int d = 0; d < dh; d++) kt[(size_t)d * KB] = t < T ? K[(size_t)t * ld + d] : 0.0f;
-        for (int d = 0; d < dhv; d++) vp[d] = t < T && d < dh ? V[(size_t)t * ld + d] : 0.0f;
+    for (int t0 = 0; t0 < nkb * KB; t0 += 16) {
+        prefetch_rows(K, ld, t0 + 16, T, dh);
+        prefetch_rows(V, ld, t0 + 16, T, dh);
+        float *kt = Kt + (size_t)(t0 / KB) * dh * KB + t0 % KB;
+        for (int d0 = 0; d0 < dh; d0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = t0 + i < T ? _mm512_maskz_loadu_ps(lanes(dh - d0), K + (size_t)(t0 + i) * ld + d0) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int j = 0; j < 16 && d0 + j < dh; j++) _mm512_storeu_ps(kt + (size_t)(d0 + j) * KB, r[j]);
+        }
+        for (int t = t0; t < t0 + 16; t++)
+            for (int d = 0; d < dhv; d += 16)
+                _mm512_storeu_ps(Vp + (size_t)t * dhv + d, t < T ? _mm512_maskz_loadu_ps(lanes(dh - d), V + (size_t)t * ld + d)
+                                                                 : _mm512_setzero_ps());
     }
 }
 
-/* One head: out [T, dh] (stride ldo) from Q, K, V [T, dh] (stride ld). w: worker scratch. */
-VAD_AVX512 static void head_f32(float *out, int ldo, const float *Q, const float *K, const float *V, int ld, int T,
-                                int dh, float *w) {
-    int nkb = (T + KB - 1) / KB, dhv = (int)round16((size_t)dh);
-    float scale = 1.0f / sqrtf((float)dh);
-    float *Kt = w, *Vp = Kt + round16((size_t)nkb * dh * KB), *acc = Vp + round16((size_t)nkb * KB * dhv);
-    float *P = acc + round16((size_t)QR * dhv);
-    pack_f32(K, V, ld, T, dh, dhv, Kt, Vp);
-    for (int r0 = 0; r0 < T; r0 += QR) {
-        int mr = T - r0 < QR ? T - r0 : QR;
-        const float *q[QR];
-        float m[QR], l[QR];
+/* Scores of the QR rows against nv x 16 keys (fp32 FMA), the softmax step, acc += P V. */
+VAD_AVX512 VAD_INLINE void block_f32_nv(const block_args *a, int nv) {
+    const float *q[QR], *kt = (const float *)a->k;
+    __m512 s[QR][4];
+    for (int r = 0; r < QR; r++) {
+        q[r] = (const float *)a->q[r];
+        for (int v = 0; v < nv; v++) s[r][v] = _mm512_setzero_ps();
+    }
+    for (int d = 0; d < a->dh; d++, kt += KB) {
+        __m512 b[4];
+        for (int v = 0; v < nv; v++) b[v] = _mm512_loadu_ps(kt + 16 * v);
         for (int r = 0; r < QR; r++) {
-            q[r] = Q + (size_t)(r0 + (r < mr ? r : 0)) * ld;
-            m[r] = -INFINITY;
-            l[r] = 0.0f;
+            __m512 x = _mm512_set1_ps(q[r][d]);
+            for (int v = 0; v < nv; v++) s[r][v] = _mm512_fmadd_ps(x, b[v], s[r][v]);
         }
-        memset(acc, 0, (size_t)QR * dhv * sizeof(float));
-        for (int kb = 0; kb < nkb; kb++) {
-            int nk = T - kb * KB < KB ? T - kb * KB : KB;
-            const float *kt = Kt + (size_t)kb * dh * KB;
-            __m512 s[QR][4];
-            for (int r = 0; r < QR; r++)
-                for (int v = 0; v < 4; v++) s[r][v] = _mm512_setzero_ps();
-            for (int d = 0; d < dh; d++) {
-                __m512 b0 = _mm512_loadu_ps(kt), b1 = _mm512_loadu_ps(kt + 16), b2 = _mm512_loadu_ps(kt + 32),
-                       b3 = _mm512_loadu_ps(kt + 48);
-                for (int r = 0; r < QR; r++) {
-                    __m512 a = _mm512_set1_ps(q[r][d]);
-                    s[r][0] = _mm512_fmadd_ps(a, b0, s[r][0]);
-                    s[r][1] = _mm512_fmadd_ps(a, b1, s[r][1]);
-                    s[r][2] = _mm512_fmadd_ps(a, b2, s[r][2]);
-                    s[r][3] = _mm512_fmadd_ps(a, b3, s[r][3]);
-                }
-                kt += KB;
-            }
-            /* all QR rows (those past mr repeat row 0 and are dropped): constant indices keep s in registers */
+    }
+    softmax_rows(s, nv, a);
+    for (int r = 0; r < QR; r++)
+        for (int v = 0; v < nv; v++) _mm512_storeu_ps(a->P + r * KB + 16 * v, s[r][v]);
+    const float *vb = (const float *)a->v;
+    for (int g = 0; g < a->dhv; g += 64) {
+        __mmask16 mk[4];
+        __m512 o[QR][4];
+        col_masks(mk, a->dhv, g);
+        load_acc(o, a->acc, a->dhv, g, mk);
+        for (int j = 0; j < a->nk; j++) {
+            const float *vr = vb + (size_t)j * a->dhv + g;
+            __m512 b[4];
+            for (int v = 0; v < 4; v++) b[v] = _mm512_maskz_loadu_ps(mk[v], vr + 16 * v);
             for (int r = 0; r < QR; r++) {
-                __m512 p[4];
-                scale_row(acc + (size_t)r * dhv, dhv, softmax_step(s[r], nk, scale, &m[r], &l[r], p));
-                for (int v = 0; v < 4; v++) _mm512_storeu_ps(P + r * KB + 16 * v, p[v]);
-            }
-            /* acc += P V_block, up to 64 output columns at a time */
-            const float *vb = Vp + (size_t)kb * KB * dhv;
-            for (int g = 0; g < dhv; g += 64) {
-                __mmask16 mk[4];
-                __m512 o[QR][4];
-                for (int v = 0; v < 4; v++) mk[v] = lanes(dhv - g - 16 * v);
-                for (int r = 0; r < QR; r++)
-                    for (int v = 0; v < 4; v++) o[r][v] = _mm512_maskz_loadu_ps(mk[v], acc + (size_t)r * dhv + g + 16 * v);
-                for (int j = 0; j < nk; j++) {
-                    const float *vr = vb + (size_t)j * dhv + g;
-                    __m512 b[4];
-                    for (int v = 0; v < 4; v++) b[v] = _mm512_maskz_loadu_ps(mk[v], vr + 16 * v);
-                    for (int r = 0; r < QR; r++) {
-                        __m512 a = _mm512_set1_ps(P[r * KB + j]);
-                        for (int v = 0; v < 4; v++) o[r][v] = _mm512_fmadd_ps(a, b[v], o[r][v]);
-                    }
-                }
-                for (int r = 0; r < QR; r++)
-                    for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(acc + (size_t)r * dhv + g + 16 * v, mk[v], o[r][v]);
+                __m512 x = _mm512_set1_ps(a->P[r * KB + j]);
+                for (int v = 0; v < 4; v++) o[r][v] = _mm512_fmadd_ps(x, b[v], o[r][v]);
             }
         }
-        finish_rows(out + (size_t)r0 * ldo, ldo, acc, dhv, l, mr, dh);
+        store_acc(a->acc, o, a->dhv, g, mk);
+    }
+}
+
+/* block_f32_nv with the key vectors a (last, short) block needs. */
+VAD_AVX512 static void block_f32(const block_args *a) {
+    switch ((a->nk + 15) / 16) {
+    case 1: block_f32_nv(a, 1); break;
+    case 2: block_f32_nv(a, 2); break;
+    case 3: block_f32_nv(a, 3); break;
+    default: block_f32_nv(a, 4);
     }
 }
 
 /* ---------------------------------------------------------------- bf16 */
 #ifdef VAD_HAVE_BF16_KERNELS
 
+static __mmask32 lanes32(int n) { return n >= 32 ? (__mmask32)0xffffffffu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1); }
+
+/* 32 floats of row x from column d0 (zero past n) as 16 bf16 pairs (columns d0 + 2i, d0 + 2i + 1). */
+VAD_TARGET_BF16 VAD_INLINE __m512i row_pairs(const float *x, int d0, int n) {
+    __m512 lo = _mm512_maskz_loadu_ps(lanes(n - d0), x + d0), hi = _mm512_maskz_loadu_ps(lanes(n - d0 - 16), x + d0 + 16);
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
 /* bf16 operands: K as key blocks [kb][pair p][64 keys][2] (dims 2p, 2p+1), V as key pairs
  * [q][dhv][2] (keys 2q, 2q+1), Q as rows [t][2 * dh2]; zero past T and past dh. */
-static void pack_bf16(const float *Q, const float *K, const float *V, int ld, int T, int dh, int dhv, vad_bf16 *Kp,
-                      vad_bf16 *Vp, vad_bf16 *Qb) {
+VAD_TARGET_BF16 static void pack_bf16(const float *Q, const float *K, const float *V, int ld, int T, int dh, int dhv,
+                                      vad_bf16 *Kp, vad_bf16 *Vp, vad_bf16 *Qb) {
     int nkb = (T + KB - 1) / KB, dh2 = (dh + 1) / 2;
-    for (int t = 0; t < nkb * KB; t++) {
-        vad_bf16 *kp = Kp + ((size_t)(t / KB) * dh2 * KB + t % KB) * 2;
-        vad_bf16 *vp = Vp + ((size_t)(t / 2) * dhv) * 2 + t % 2;
-        for (int d = 0; d < 2 * dh2; d++)
-            kp[(size_t)(d / 2) * KB * 2 + d % 2] = t < T && d < dh ? vad_to_bf16(K[(size_t)t * ld + d]) : 0;
-        for (int d = 0; d < dhv; d++) vp[(size_t)d * 2] = t < T && d < dh ? vad_to_bf16(V[(size_t)t * ld + d]) : 0;
-        if (t < T)
-            for (int d = 0; d < 2 * dh2; d++) Qb[(size_t)t * 2 * dh2 + d] = d < dh ? vad_to_bf16(Q[(size_t)t * ld + d]) : 0;
+    /* interleaves the low and high 16 bf16 of a vector: a0 b0 a1 b1 ... */
+    static const uint16_t zip[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    __m512i zipv = _mm512_loadu_si512((const void *)zip);
+    for (int t0 = 0; t0 < nkb * KB; t0 += 16) {
+        prefetch_rows(Q, ld, t0 + 16, T, dh);
+        prefetch_rows(K, ld, t0 + 16, T, dh);
+        prefetch_rows(V, ld, t0 + 16, T, dh);
+        vad_bf16 *kp = Kp + ((size_t)(t0 / KB) * dh2 * KB + t0 % KB) * 2;
+        for (int d0 = 0; d0 < 2 * dh2; d0 += 32) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = t0 + i < T ? _mm512_castsi512_ps(row_pairs(K + (size_t)(t0 + i) * ld, d0, dh)) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int j = 0; j < 16 && d0 / 2 + j < dh2; j++)
+                _mm512_storeu_si512((void *)(kp + (size_t)(d0 / 2 + j) * KB * 2), _mm512_castps_si512(r[j]));
+        }
+        for (int t = t0; t < t0 + 16 && t < T; t++)
+            for (int d0 = 0; d0 < 2 * dh2; d0 += 32)
+                _mm512_mask_storeu_epi16(Qb + (size_t)t * 2 * dh2 + d0, lanes32(2 * dh2 - d0), row_pairs(Q + (size_t)t * ld, d0, dh));
+        for (int t = t0; t < t0 + 16; t += 2) {
+            vad_bf16 *vp = Vp + (size_t)(t / 2) * dhv * 2;
+            for (int d = 0; d < dhv; d += 16) {
+                __m512 a = t < T ? _mm512_maskz_loadu_ps(lanes(dh - d), V + (size_t)t * ld + d) : _mm512_setzero_ps();
+                __m512 b = t + 1 < T ? _mm512_maskz_loadu_ps(lanes(dh - d), V + (size_t)(t + 1) * ld + d) : _mm512_setzero_ps();
+                __m512i w = _mm512_permutexvar_epi16(zipv, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+                _mm512_storeu_si512((void *)(vp + (size_t)d * 2), w);
+            }
+        }
     }
 }
 
-VAD_TARGET_BF16 static void head_bf16(float *out, int ldo, const float *Q, const float *K, const float *V, int ld,
-                                      int T, int dh, float *w) {
-    int nkb = (T + KB - 1) / KB, dhv = (int)round16((size_t)dh), dh2 = (dh + 1) / 2;
-    float scale = 1.0f / sqrtf((float)dh);
-    vad_bf16 *Kp = (vad_bf16 *)w;
-    vad_bf16 *Vp = (vad_bf16 *)(w + round16((size_t)nkb * dh2 * KB));
-    vad_bf16 *Qb = (vad_bf16 *)(w + round16((size_t)nkb * dh2 * KB) + round16((size_t)nkb * (KB / 2) * dhv));
-    float *acc = (float *)Qb + round16((size_t)T * dh2);
-    vad_bf16 *P = (vad_bf16 *)(acc + round16((size_t)QR * dhv));
-    pack_bf16(Q, K, V, ld, T, dh, dhv, Kp, Vp, Qb);
-    for (int r0 = 0; r0 < T; r0 += QR) {
-        int mr = T - r0 < QR ? T - r0 : QR;
-        const vad_bf16 *q[QR];
-        float m[QR], l[QR];
+/* block_f32_nv with bf16 operands: Q K^T and P V by vdpbf16ps over pairs, P rounded to bf16. */
+VAD_TARGET_BF16 VAD_INLINE void block_bf16_nv(const block_args *a, int nv) {
+    const vad_bf16 *q[QR], *kp = (const vad_bf16 *)a->k;
+    int dh2 = (a->dh + 1) / 2;
+    __m512 s[QR][4];
+    for (int r = 0; r < QR; r++) {
+        q[r] = (const vad_bf16 *)a->q[r];
+        for (int v = 0; v < nv; v++) s[r][v] = _mm512_setzero_ps();
+    }
+    for (int p = 0; p < dh2; p++, kp += 2 * KB) {
+        __m512i b[4];
+        for (int v = 0; v < nv; v++) b[v] = _mm512_loadu_si512((const void *)(kp + 32 * v));
         for (int r = 0; r < QR; r++) {
-            q[r] = Qb + (size_t)(r0 + (r < mr ? r : 0)) * 2 * dh2;
-            m[r] = -INFINITY;
-            l[r] = 0.0f;
+            __m512i x = vad_bcast_pair(q[r] + 2 * p);
+            for (int v = 0; v < nv; v++) s[r][v] = vad_dp_bf16(s[r][v], x, b[v]);
         }
-        memset(acc, 0, (size_t)QR * dhv * sizeof(float));
-        for (int kb = 0; kb < nkb; kb++) {
-            int nk = T - kb * KB < KB ? T - kb * KB : KB;
-            const vad_bf16 *kp = Kp + (size_t)kb * dh2 * KB * 2;
-            __m512 s[QR][4];
-            for (int r = 0; r < QR; r++)
-                for (int v = 0; v < 4; v++) s[r][v] = _mm512_setzero_ps();
-            for (int p = 0; p < dh2; p++) {
-                __m512i b[4];
-                for (int v = 0; v < 4; v++) b[v] = _mm512_loadu_si512((const void *)(kp + 32 * v));
-                for (int r = 0; r < QR; r++) {
-                    __m512i a = vad_bcast_pair(q[r] + 2 * p);
-                    for (int v = 0; v < 4; v++) s[r][v] = vad_dp_bf16(s[r][v], a, b[v]);
-                }
-                kp += 2 * KB;
-            }
-            for (int r = 0; r < QR; r++) { /* as in head_f32 */
-                __m512 p[4];
-                scale_row(acc + (size_t)r * dhv, dhv, softmax_step(s[r], nk, scale, &m[r], &l[r], p));
-                vad_store_bf16x32(P + r * KB, p[0], p[1]);
-                vad_store_bf16x32(P + r * KB + 32, p[2], p[3]);
-            }
-            /* acc += P V_block over key pairs, up to 64 output columns at a time */
-            const vad_bf16 *vb = Vp + (size_t)kb * (KB / 2) * dhv * 2;
-            int npairs = (nk + 1) / 2;
-            for (int g = 0; g < dhv; g += 64) {
-                __mmask16 mk[4];
-                __m512 o[QR][4];
-                for (int v = 0; v < 4; v++) mk[v] = lanes(dhv - g - 16 * v);
-                for (int r = 0; r < QR; r++)
-                    for (int v = 0; v < 4; v++) o[r][v] = _mm512_maskz_loadu_ps(mk[v], acc + (size_t)r * dhv + g + 16 * v);
-                for (int j = 0; j < npairs; j++) {
-                    const vad_bf16 *vr = vb + ((size_t)j * dhv + g) * 2;
-                    __m512i b[4];
-                    for (int v = 0; v < 4; v++) b[v] = _mm512_maskz_loadu_epi32(mk[v], (const void *)(vr + 32 * v));
-                    for (int r = 0; r < QR; r++) {
-                        __m512i a = vad_bcast_pair(P + r * KB + 2 * j);
-                        for (int v = 0; v < 4; v++) o[r][v] = vad_dp_bf16(o[r][v], a, b[v]);
-                    }
-                }
-                for (int r = 0; r < QR; r++)
-                    for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(acc + (size_t)r * dhv + g + 16 * v, mk[v], o[r][v]);
+    }
+    softmax_rows(s, nv, a);
+    vad_bf16 *P = (vad_bf16 *)a->P;
+    for (int r = 0; r < QR; r++)
+        for (int v = 0; v < nv; v += 2) vad_store_bf16x32(P + r * KB + 16 * v, s[r][v], v + 1 < nv ? s[r][v + 1] : _mm512_setzero_ps());
+    const vad_bf16 *vb = (const vad_bf16 *)a->v;
+    int npairs = (a->nk + 1) / 2;
+    for (int g = 0; g < a->dhv; g += 64) {
+        __mmask16 mk[4];
+        __m512 o[QR][4];
+        col_masks(mk, a->dhv, g);
+        load_acc(o, a->acc, a->dhv, g, mk);
+        for (int j = 0; j < npairs; j++) {
+            const vad_bf16 *vr = vb + ((size_t)j * a->dhv + g) * 2;
+            __m512i b[4];
+            for (int v = 0; v < 4; v++) b[v] = _mm512_maskz_loadu_epi32(mk[v], (const void *)(vr + 32 * v));
+            for (int r = 0; r < QR; r++) {
+                __m512i x = vad_bcast_pair(P + r * KB + 2 * j);
+                for (int v = 0; v < 4; v++) o[r][v] = vad_dp_bf16(o[r][v], x, b[v]);
             }
         }
-        finish_rows(out + (size_t)r0 * ldo, ldo, acc, dhv, l, mr, dh);
+        store_acc(a->acc, o, a->dhv, g, mk);
+    }
+}
+
+VAD_TARGET_BF16 static void block_bf16(const block_args *a) {
+    switch ((a->nk + 15) / 16) {
+    case 1: block_bf16_nv(a, 1); break;
+    case 2: block_bf16_nv(a, 2); break;
+    case 3: block_bf16_nv(a, 3); break;
+    default: block_bf16_nv(a, 4);
     }
 }
 
 #endif
+
+/* One head: out [T, dh] (stride ldo) from Q, K, V [T, dh] (stride ld). w: worker scratch. next: the
+ * Q of the head this worker computes next (its K, V at the same offsets as K, V from Q), or NULL:
+ * each row block prefetches that head's rows into L2 while it computes. */
+static void head(float *out, int ldo, const float *Q, const float *K, const float *V, int ld, int T, int dh,
+                 float *w, int precision, const float *next) {
+    int nkb = (T + KB - 1) / KB, dhv = (int)round16((size_t)dh), dh2 = (dh + 1) / 2;
+    int bf16 = 0;
+    block_args a;
+    a.dh = dh;
+    a.dhv = dhv;
+    a.c = 1.4426950408889634f / sqrtf((float)dh);
+    /* key block kb of the packed K and V starts at kbase + kb * kstep, vbase + kb * vstep bytes */
+    const char *kbase = (const char *)w, *vbase;
+    size_t kstep, vstep;
+    (void)precision;
+#ifdef VAD_HAVE_BF16_KERNELS
+    vad_bf16 *Qb = NULL;
+    if (precision == VAD_BF16) {
+        bf16 = 1;
+        vad_bf16 *Kp = (vad_bf16 *)w, *Vp = (vad_bf16 *)(w + round16((size_t)nkb * dh2 * KB));
+        Qb = (vad_bf16 *)(w + round16((size_t)nkb * dh2 * KB) + round16((size_t)nkb * (KB / 2) * dhv));
+        a.acc = (float *)Qb + round16((size_t)T * dh2);
+        pack_bf16(Q, K, V, ld, T, dh, dhv, Kp, Vp, Qb);
+        vbase = (const char *)Vp;
+        kstep = (size_t)dh2 * KB * 2 * sizeof(vad_bf16);
+        vstep = (size_t)(KB / 2) * dhv * 2 * sizeof(vad_bf16);
+    } else
+#endif
+    {
+        float *Kt = w, *Vp = Kt + round16((size_t)nkb * dh * KB);
+        a.acc = Vp + round16((size_t)nkb * KB * dhv);
+        pack_f32(K, V, ld, T, dh, dhv, Kt, Vp);
+        vbase = (const char *)Vp;
+        kstep = (size_t)dh * KB * sizeof(float);
+        vstep = (size_t)KB * dhv * sizeof(float);
+    }
+    a.P = a.acc + round16((size_t)QR * dhv);
+    a.lsum = a.P + round16((size_t)QR * KB);
+    for (int r0 = 0; r0 < T; r0 += QR) {
+        int mr = T - r0 < QR ? T - r0 : QR;
+        float m[QR];
+        for (int r = 0; r < QR; r++) {
+            int t = r0 + (r < mr ? r : 0); /* rows past mr repeat row r0 and are dropped */
+#ifdef VAD_HAVE_BF16_KERNELS
+            if (bf16) a.q[r] = Qb + (size_t)t * 2 * dh2;
+            else
+#endif
+                a.q[r] = Q + (size_t)t * ld;
+            if (!bf16 && r0 + QR + r < T) /* the next row block's queries (bf16 reads the packed Qb) */
+                for (int d = 0; d < dh; d += 16) __builtin_prefetch(Q + (size_t)(r0 + QR + r) * ld + d);
+            m[r] = -INFINITY;
+            if (next && r < mr)
+                for (int d = 0; d < dh; d += 16) {
+                    const float *x = next + (size_t)(r0 + r) * ld + d;
+                    __builtin_prefetch(x, 0, 2);
+                    __builtin_prefetch(x + (K - Q), 0, 2);
+                    __builtin_prefetch(x + (V - Q), 0, 2);
+                }
+        }
+        a.m = m;
+        memset(a.acc, 0, (size_t)QR * dhv * sizeof(float));
+        memset(a.lsum, 0, (size_t)QR * 16 * sizeof(float));
+        for (int kb = 0; kb < nkb; kb++) {
+            a.nk = T - kb * KB < KB ? T - kb * KB : KB;
+            a.k = kbase + kb * kstep;
+            a.v = vbase + kb * vstep;
+#ifdef VAD_HAVE_BF16_KERNELS
+            if (bf16) {
+                block_bf16(&a);
+                continue;
+            }
+#endif
+            block_f32(&a);
+        }
+        for (int r = 0; r < mr; r++) { /* out = acc / row sum */
+            float l = 0.0f;
+            for (int i = 0; i < 16; i++) l += a.lsum[16 * r + i];
+            float inv = 1.0f / l;
+            for (int d = 0; d < dh; d++) out[(size_t)(r0 + r) * ldo + d] = a.acc[(size_t)r * dhv + d] * inv;
+        }
+    }
+}
 
 static void fused_task(void *vctx, int64_t begin, int64_t end, int tid) {
     const fused_ctx *c = (const fused_ctx *)vctx;
@@ -281,14 +416,9 @@ static void fused_task(void *vctx, int64_t begin, int64_t end, int tid) {
     for (int64_t job = begin; job < end; job++) {
         int b = (int)(job / c->heads), h = (int)(job % c->heads);
         const float *base = c->qkv + (size_t)b * T * 3 * D + (size_t)h * dh;
-        float *o = c->out + (size_t)b * T * D + (size_t)h * dh;
-#ifdef VAD_HAVE_BF16_KERNELS
-        if (c->precision == VAD_BF16) {
-            head_bf16(o, D, base, base + D, base + 2 * D, 3 * D, T, dh, w);
-            continue;
-        }
-#endif
-        head_f32(o, D, base, base + D, base + 2 * D, 3 * D, T, dh, w);
+        const float *next = job + 1 < end ? (h + 1 < c->heads ? base + dh : base + (size_t)T * 3 * D - (size_t)h * dh) : NULL;
+        head(c->out + (size_t)b * T * D + (size_t)h * dh, D, base, base + D, base + 2 * D, 3 * D, T, dh, w, c->precision,
+             next);
     }
 }
 
