@@ -5,11 +5,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "attention_pack.h"
 #include "bf16.h"
 #include "cpu_features.h"
 
 #define QR 6  /* query rows per register block (6 x 64 scores = 24 zmm) */
-#define KB 64 /* keys per block */
+#define KB VAD_KEY_BLOCK
 
 static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
@@ -109,37 +110,6 @@ VAD_AVX512 VAD_INLINE void softmax_rows(__m512 s[QR][4], int nv, const block_arg
     }
 }
 
-/* 16 x 16 transpose of 32-bit elements: r[i] lane j <-> r[j] lane i. */
-VAD_AVX512 VAD_INLINE void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* r[4i + k], 128-bit lane L: column 4L + k of rows 4i .. 4i + 3 */
-        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-    for (int k = 0; k < 4; k++) { /* 4 x 4 transpose of 128-bit lanes among r[k], r[4 + k], r[8 + k], r[12 + k] */
-        __m512 u0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), u1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);
-        __m512 u2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), u3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
-        t[k] = _mm512_shuffle_f32x4(u0, u2, 0x88);
-        t[8 + k] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
-        t[4 + k] = _mm512_shuffle_f32x4(u1, u3, 0x88);
-        t[12 + k] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
-    }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
-}
-
-/* Prefetches the first n floats of rows t .. t + 15 (stride ld) below T: the rows of one head sit
- * a page or more apart, beyond the hardware prefetchers' reach. */
-static void prefetch_rows(const float *x, int ld, int t, int T, int n) {
-    for (int i = t; i < t + 16 && i < T; i++)
-        for (int d = 0; d < n; d += 16) __builtin_prefetch(x + (size_t)i * ld + d);
-}
-
 /* The output accumulator rows [QR][dhv], columns g .. g + 63 (masked past dhv), into / from o. */
 VAD_AVX512 VAD_INLINE void load_acc(__m512 o[QR][4], const float *acc, int dhv, int g, const __mmask16 *mk) {
     for (int r = 0; r < QR; r++)
@@ -156,27 +126,6 @@ VAD_AVX512 VAD_INLINE void col_masks(__mmask16 mk[4], int dhv, int g) {
 }
 
 /* ---------------------------------------------------------------- fp32 */
-
-/* K as key blocks [kb][d][64] (transposed, zero past T); V as rows [t][dhv] (zero padded). */
-VAD_AVX512 static void pack_f32(const float *K, const float *V, int ld, int T, int dh, int dhv, float *Kt, float *Vp) {
-    int nkb = (T + KB - 1) / KB;
-    for (int t0 = 0; t0 < nkb * KB; t0 += 16) {
-        prefetch_rows(K, ld, t0 + 16, T, dh);
-        prefetch_rows(V, ld, t0 + 16, T, dh);
-        float *kt = Kt + (size_t)(t0 / KB) * dh * KB + t0 % KB;
-        for (int d0 = 0; d0 < dh; d0 += 16) {
-            __m512 r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = t0 + i < T ? _mm512_maskz_loadu_ps(lanes(dh - d0), K + (size_t)(t0 + i) * ld + d0) : _mm512_setzero_ps();
-            transpose16(r);
-            for (int j = 0; j < 16 && d0 + j < dh; j++) _mm512_storeu_ps(kt + (size_t)(d0 + j) * KB, r[j]);
-        }
-        for (int t = t0; t < t0 + 16; t++)
-            for (int d = 0; d < dhv; d += 16)
-                _mm512_storeu_ps(Vp + (size_t)t * dhv + d, t < T ? _mm512_maskz_loadu_ps(lanes(dh - d), V + (size_t)t * ld + d)
-                                                                 : _mm512_setzero_ps());
-    }
-}
 
 /* Scores of the QR rows against nv x 16 keys (fp32 FMA), the softmax step, acc += P V. */
 VAD_AVX512 VAD_INLINE void block_f32_nv(const block_args *a, int nv) {
@@ -228,51 +177,6 @@ VAD_AVX512 static void block_f32(const block_args *a) {
 
 /* ---------------------------------------------------------------- bf16 */
 #ifdef VAD_HAVE_BF16_KERNELS
-
-static __mmask32 lanes32(int n) { return n >= 32 ? (__mmask32)0xffffffffu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1); }
-
-/* 32 floats of row x from column d0 (zero past n) as 16 bf16 pairs (columns d0 + 2i, d0 + 2i + 1). */
-VAD_TARGET_BF16 VAD_INLINE __m512i row_pairs(const float *x, int d0, int n) {
-    __m512 lo = _mm512_maskz_loadu_ps(lanes(n - d0), x + d0), hi = _mm512_maskz_loadu_ps(lanes(n - d0 - 16), x + d0 + 16);
-    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-}
-
-/* bf16 operands: K as key blocks [kb][pair p][64 keys][2] (dims 2p, 2p+1), V as key pairs
- * [q][dhv][2] (keys 2q, 2q+1), Q as rows [t][2 * dh2]; zero past T and past dh. */
-VAD_TARGET_BF16 static void pack_bf16(const float *Q, const float *K, const float *V, int ld, int T, int dh, int dhv,
-                                      vad_bf16 *Kp, vad_bf16 *Vp, vad_bf16 *Qb) {
-    int nkb = (T + KB - 1) / KB, dh2 = (dh + 1) / 2;
-    /* interleaves the low and high 16 bf16 of a vector: a0 b0 a1 b1 ... */
-    static const uint16_t zip[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    __m512i zipv = _mm512_loadu_si512((const void *)zip);
-    for (int t0 = 0; t0 < nkb * KB; t0 += 16) {
-        prefetch_rows(Q, ld, t0 + 16, T, dh);
-        prefetch_rows(K, ld, t0 + 16, T, dh);
-        prefetch_rows(V, ld, t0 + 16, T, dh);
-        vad_bf16 *kp = Kp + ((size_t)(t0 / KB) * dh2 * KB + t0 % KB) * 2;
-        for (int d0 = 0; d0 < 2 * dh2; d0 += 32) {
-            __m512 r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = t0 + i < T ? _mm512_castsi512_ps(row_pairs(K + (size_t)(t0 + i) * ld, d0, dh)) : _mm512_setzero_ps();
-            transpose16(r);
-            for (int j = 0; j < 16 && d0 / 2 + j < dh2; j++)
-                _mm512_storeu_si512((void *)(kp + (size_t)(d0 / 2 + j) * KB * 2), _mm512_castps_si512(r[j]));
-        }
-        for (int t = t0; t < t0 + 16 && t < T; t++)
-            for (int d0 = 0; d0 < 2 * dh2; d0 += 32)
-                _mm512_mask_storeu_epi16(Qb + (size_t)t * 2 * dh2 + d0, lanes32(2 * dh2 - d0), row_pairs(Q + (size_t)t * ld, d0, dh));
-        for (int t = t0; t < t0 + 16; t += 2) {
-            vad_bf16 *vp = Vp + (size_t)(t / 2) * dhv * 2;
-            for (int d = 0; d < dhv; d += 16) {
-                __m512 a = t < T ? _mm512_maskz_loadu_ps(lanes(dh - d), V + (size_t)t * ld + d) : _mm512_setzero_ps();
-                __m512 b = t + 1 < T ? _mm512_maskz_loadu_ps(lanes(dh - d), V + (size_t)(t + 1) * ld + d) : _mm512_setzero_ps();
-                __m512i w = _mm512_permutexvar_epi16(zipv, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-                _mm512_storeu_si512((void *)(vp + (size_t)d * 2), w);
-            }
-        }
-    }
-}
 
 /* block_f32_nv with bf16 operands: Q K^T and P V by vdpbf16ps over pairs, P rounded to bf16. */
 VAD_TARGET_BF16 VAD_INLINE void block_bf16_nv(const block_args *a, int nv) {
@@ -337,7 +241,8 @@ static void head(float *out, int ldo, const float *Q, const float *K, const floa
     a.dh = dh;
     a.dhv = dhv;
     a.c = 1.4426950408889634f / sqrtf((float)dh);
-    /* key block kb of the packed K and V starts at kbase + kb * kstep, vbase + kb * vstep bytes */
+    /* K, V (bf16: and Q) in the layouts of attention_pack.h; key block kb of the packed K and V starts
+     * at kbase + kb * kstep, vbase + kb * vstep bytes */
     const char *kbase = (const char *)w, *vbase;
     size_t kstep, vstep;
     (void)precision;
@@ -348,7 +253,9 @@ static void head(float *out, int ldo, const float *Q, const float *K, const floa
         vad_bf16 *Kp = (vad_bf16 *)w, *Vp = (vad_bf16 *)(w + round16((size_t)nkb * dh2 * KB));
         Qb = (vad_bf16 *)(w + round16((size_t)nkb * dh2 * KB) + round16((size_t)nkb * (KB / 2) * dhv));
         a.acc = (float *)Qb + round16((size_t)T * dh2);
-        pack_bf16(Q, K, V, ld, T, dh, dhv, Kp, Vp, Qb);
+        vad_pack_keys_bf16(Kp, K, ld, T, dh);
+        vad_pack_pairs_bf16(Vp, V, ld, T, nkb * KB, dh, dhv);
+        vad_pack_rows_bf16(Qb, Q, ld, T, dh);
         vbase = (const char *)Vp;
         kstep = (size_t)dh2 * KB * 2 * sizeof(vad_bf16);
         vstep = (size_t)(KB / 2) * dhv * 2 * sizeof(vad_bf16);
@@ -357,7 +264,8 @@ static void head(float *out, int ldo, const float *Q, const float *K, const floa
     {
         float *Kt = w, *Vp = Kt + round16((size_t)nkb * dh * KB);
         a.acc = Vp + round16((size_t)nkb * KB * dhv);
-        pack_f32(K, V, ld, T, dh, dhv, Kt, Vp);
+        vad_pack_keys_f32(Kt, K, ld, T, dh);
+        vad_pack_rows_f32(Vp, V, ld, T, nkb * KB, dh, dhv);
         vbase = (const char *)Vp;
         kstep = (size_t)dh * KB * sizeof(float);
         vstep = (size_t)KB * dhv * sizeof(float);

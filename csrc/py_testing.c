@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "attention_backward.h"
 #include "attention_fused.h"
 #include "bf16_gemm.h"
 #include "cpu_features.h"
@@ -204,17 +205,11 @@ static PyObject *py_allow_bf16(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(vad_precision_allow_bf16(allow));
 }
 
-/* The backbone's attention core on its own: qkv [B, T, 3D] -> out [B, T, D]. */
-static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwds) {
-    (void)self;
-    static char *kwlist[] = {"qkv", "heads", "precision", "num_threads", NULL};
-    PyObject *q_obj;
-    const char *prec_name = "fp32";
-    int heads, nthreads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi|si", kwlist, &q_obj, &heads, &prec_name, &nthreads)) return NULL;
-    int precision = parse_precision(prec_name);
-    if (precision < 0) return NULL;
-    if (vad_precision_check(precision)) return raise_status(VAD_ERR_VALUE);
+/* The checked qkv [B, T, 3D] of the attention entries (precision and thread count checked too), or
+ * NULL with the exception set. */
+static PyArrayObject *attention_qkv(PyObject *q_obj, int heads, const char *prec_name, int nthreads, int *precision) {
+    if ((*precision = parse_precision(prec_name)) < 0) return NULL;
+    if (vad_precision_check(*precision)) return (PyArrayObject *)raise_status(VAD_ERR_VALUE);
     if (nthreads < 1 || nthreads > 256 || heads < 1) {
         PyErr_SetString(PyExc_ValueError, "need heads >= 1 and 1 <= num_threads <= 256");
         return NULL;
@@ -233,19 +228,45 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwds) {
         Py_DECREF(q);
         return NULL;
     }
-    int D = (int)(D3 / 3);
+    return q;
+}
+
+/* The output array (dims), n_scr floats of scratch and a pool of nthreads for an attention entry;
+ * -1 with MemoryError set (and nothing left allocated) when one of them fails. */
+static int attention_buffers(npy_intp *dims, size_t n_scr, int nthreads, PyObject **out, float **scratch,
+                             vad_pool **pool) {
+    *out = new_float_array(3, dims);
+    *scratch = (float *)malloc(n_scr * sizeof(float));
+    *pool = vad_pool_create(nthreads);
+    if (*out && *scratch && *pool) return 0;
+    Py_XDECREF(*out);
+    free(*scratch);
+    vad_pool_free(*pool);
+    PyErr_NoMemory();
+    return -1;
+}
+
+/* The backbone's attention core on its own: qkv [B, T, 3D] -> out [B, T, D]. */
+static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"qkv", "heads", "precision", "num_threads", NULL};
+    PyObject *q_obj;
+    const char *prec_name = "fp32";
+    int heads, nthreads = 1, precision;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi|si", kwlist, &q_obj, &heads, &prec_name, &nthreads)) return NULL;
+    PyArrayObject *q = attention_qkv(q_obj, heads, prec_name, nthreads, &precision);
+    if (!q) return NULL;
+    npy_intp B = PyArray_DIM(q, 0), T = PyArray_DIM(q, 1);
+    int D = (int)(PyArray_DIM(q, 2) / 3);
     npy_intp dims[3] = {B, T, D};
-    PyObject *out = new_float_array(3, dims);
     int fused = vad_attention_fused_available(precision);
     size_t n_scr = fused ? vad_attention_fused_scratch((int)T, D / heads, nthreads) : vad_attention_scratch((int)T, nthreads);
-    float *scratch = (float *)malloc(n_scr * sizeof(float));
-    vad_pool *pool = vad_pool_create(nthreads);
-    if (!out || !scratch || !pool) {
-        Py_XDECREF(out);
-        free(scratch);
-        vad_pool_free(pool);
+    PyObject *out;
+    float *scratch;
+    vad_pool *pool;
+    if (attention_buffers(dims, n_scr, nthreads, &out, &scratch, &pool)) {
         Py_DECREF(q);
-        return PyErr_NoMemory();
+        return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     if (fused)
@@ -257,6 +278,54 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwds) {
     Py_END_ALLOW_THREADS
     vad_pool_free(pool);
     free(scratch);
+    Py_DECREF(q);
+    return out;
+}
+
+/* The backbone's attention backward on its own: (qkv [B, T, 3D], dout [B, T, D]) -> dqkv [B, T, 3D]. */
+static PyObject *py_attention_backward(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"qkv", "dout", "heads", "precision", "num_threads", NULL};
+    PyObject *q_obj, *d_obj;
+    const char *prec_name = "fp32";
+    int heads, nthreads = 1, precision;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOi|si", kwlist, &q_obj, &d_obj, &heads, &prec_name, &nthreads))
+        return NULL;
+    PyArrayObject *q = attention_qkv(q_obj, heads, prec_name, nthreads, &precision);
+    if (!q) return NULL;
+    npy_intp B = PyArray_DIM(q, 0), T = PyArray_DIM(q, 1);
+    int D = (int)(PyArray_DIM(q, 2) / 3);
+    PyArrayObject *dout = as_float_array(d_obj, "dout", 3);
+    if (!dout || PyArray_DIM(dout, 0) != B || PyArray_DIM(dout, 1) != T || PyArray_DIM(dout, 2) != D ||
+        !all_finite((const float *)PyArray_DATA(dout), (size_t)PyArray_SIZE(dout))) {
+        if (dout) PyErr_SetString(PyExc_ValueError, "dout must be a finite (B, T, D) array matching qkv");
+        Py_XDECREF(dout);
+        Py_DECREF(q);
+        return NULL;
+    }
+    npy_intp dims[3] = {B, T, 3 * D};
+    int bf16 = precision == VAD_BF16;
+    size_t n_scr = bf16 ? vad_attention_backward_bf16_scratch((int)T, D / heads, nthreads)
+                        : vad_attention_backward_scratch((int)T, nthreads);
+    PyObject *out;
+    float *scratch;
+    vad_pool *pool;
+    if (attention_buffers(dims, n_scr, nthreads, &out, &scratch, &pool)) {
+        Py_DECREF(dout);
+        Py_DECREF(q);
+        return NULL;
+    }
+    float *o = (float *)PyArray_DATA((PyArrayObject *)out);
+    const float *qp = (const float *)PyArray_DATA(q), *dp = (const float *)PyArray_DATA(dout);
+    Py_BEGIN_ALLOW_THREADS
+    if (bf16)
+        vad_attention_backward_bf16(pool, o, dp, qp, scratch, (int)B, (int)T, D, heads);
+    else
+        vad_attention_backward(pool, o, dp, qp, scratch, (int)B, (int)T, D, heads);
+    Py_END_ALLOW_THREADS
+    vad_pool_free(pool);
+    free(scratch);
+    Py_DECREF(dout);
     Py_DECREF(q);
     return out;
 }
@@ -367,6 +436,10 @@ static PyMethodDef testing_methods[] = {
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_VARARGS | METH_KEYWORDS,
      "attention(qkv (B,T,3D) float32, heads, precision='fp32', num_threads=1) -> (B,T,D): softmax(q k^T /\n"
      "sqrt(D/heads)) v per head, on the kernel the backbone uses for that precision."},
+    {"attention_backward", (PyCFunction)(void (*)(void))py_attention_backward, METH_VARARGS | METH_KEYWORDS,
+     "attention_backward(qkv (B,T,3D) float32, dout (B,T,D) float32, heads, precision='fp32', num_threads=1)\n"
+     "-> dqkv (B,T,3D): the input gradient of attention(qkv, heads) for the output gradient dout, on the\n"
+     "kernel the training backward uses for that precision."},
     {"bf16_linear", (PyCFunction)(void (*)(void))py_bf16_linear, METH_VARARGS | METH_KEYWORDS,
      "bf16_linear(x (M,K) float32, weight (N,K) float32, bias=None, out=None, activation=-1, num_threads=1)\n"
      "-> out: act(bf16(x) bf16(weight)^T + bias (+ out, accumulated in place)), fp32 accumulation, on the\n"

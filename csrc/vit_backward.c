@@ -5,10 +5,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_backward.h"
+#include "attention_fused.h"
+#include "cpu_features.h"
 #include "errors.h"
 #include "ops.h"
 #include "vit_internal.h"
 #include "workspace.h"
+
+/* 1 when the attention backward runs its products in bf16 (bf16 mode on AVX512-BF16). */
+static int bf16_attention(const vad_vit *m) {
+    return m->precision == VAD_BF16 && vad_attention_fused_available(VAD_BF16);
+}
 
 /* The backward's buffers for batch B and sequence T: one list for sizing and carving. */
 static void train_workspace_walk(vad_carver *cv, vad_vit *m, int B, int T) {
@@ -22,7 +30,12 @@ static void train_workspace_walk(vad_carver *cv, vad_vit *m, int B, int T) {
     m->f = vad_take_floats(cv, BT * fc1_out);
     m->dg = vad_take_floats(cv, BT * Hm);
     m->wtmp = vad_take_floats(cv, fc1_out * D > 3 * D * D ? fc1_out * D : 3 * D * D); /* the largest block weight */
-    m->scratch2 = vad_take_floats(cv, vad_attention_backward_scratch(T, vad_pool_size(m->pool)));
+    /* either attention backward: the precision may change between calls with the same B, T */
+    size_t n_scr = vad_attention_backward_scratch(T, vad_pool_size(m->pool));
+    size_t n_bf16 = vad_attention_fused_available(VAD_BF16)
+                        ? vad_attention_backward_bf16_scratch(T, c->width / c->heads, vad_pool_size(m->pool))
+                        : 0;
+    m->scratch2 = vad_take_floats(cv, n_bf16 > n_scr ? n_bf16 : n_scr);
 }
 
 static int ensure_train_workspace(vad_vit *m, int B, int T) {
@@ -76,7 +89,10 @@ static int block_backward(vad_vit *m, const vad_block_weights *bw, const float *
         da = m->dtmp;
     }
     if ((rc = vad_vit_block_linear_input_grad(m, bw, VAD_LIN_PROJ, m->h, da, BT))) return rc;
-    vad_attention_backward(pool, m->dqkv, m->h, m->qkv, m->scratch2, B, T, D, c->heads);
+    if (bf16_attention(m))
+        vad_attention_backward_bf16(pool, m->dqkv, m->h, m->qkv, m->scratch2, B, T, D, c->heads);
+    else
+        vad_attention_backward(pool, m->dqkv, m->h, m->qkv, m->scratch2, B, T, D, c->heads);
     if ((rc = vad_vit_block_linear_input_grad(m, bw, VAD_LIN_QKV, m->dtmp, m->dqkv, BT))) return rc;
     memcpy(dy, m->dx1, (size_t)BT * D * sizeof(float));
     return vad_layernorm_backward(pool, dy, D, m->dtmp, D, x_in, D, bw->ln1_w, NULL, NULL, BT, D, c->ln_eps);
