@@ -113,7 +113,8 @@ VAD_TARGET_BF16 static void product(float *C, int ldc, operand_a A, operand_b B,
                     for (int v = 0; v < 4; v++) acc[r][v] = vad_dp_bf16(acc[r][v], x, b[v]);
                 }
             }
-            for (int r = 0; r < mr; r++) {
+            for (int r = 0; r < MR; r++) { /* constant indices keep acc in registers */
+                if (r >= mr) break;
                 float *c = C + (size_t)(m0 + r) * ldc + n0;
                 for (int v = 0; v < 4; v++) {
                     __m512 old = accumulate ? _mm512_maskz_loadu_ps(mk[v], c + 16 * v) : _mm512_setzero_ps();
