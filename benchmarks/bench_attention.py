@@ -4,9 +4,9 @@ input-gradient backward the training step runs through every frozen block.
 
 Each engine build given (this checkout's `visualad`, plus any `--against` folders holding another
 build's `visualad` package) runs in its own child process, the children alternating round by round,
-so that a burst of load lands on every build alike. Prints the median seconds per call (one layer)
-and the achieved GFLOP/s (4 T^2 D per image forward, 8 T^2 D backward with the score recomputation:
-10 T^2 D).
+so that a burst of load lands on every build alike. Prints the median wall seconds per call (one
+layer), the achieved GFLOP/s (4 T^2 D per image forward; the backward, with the score recomputation,
+10 T^2 D) and the median CPU seconds of the process (all threads) per call.
 
 Usage: python benchmarks/bench_attention.py [--threads 2] [--rounds 5] [--shapes B16-1 B16-8 L14-518]
        [--against /folder/with/old/visualad ...] [--no-backward]
@@ -58,12 +58,13 @@ def worker(shapes, threads, repeats, backward):
                 if what == "backward" and side == "fp32 fused":
                     continue  # the fp32 backward has one path (per-head BLAS)
                 fn()
-                times = []
+                wall, cpu = [], []
                 for _ in range(repeats):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     fn()
-                    times.append(time.perf_counter() - t0)
-                out[f"{name} {what} {side}"] = statistics.median(times)
+                    wall.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
+                out[f"{name} {what} {side}"] = (statistics.median(wall), statistics.median(cpu))
             _engine.set_fused_attention(previous)
     print(json.dumps(out))
 
@@ -90,10 +91,11 @@ def main():
             env = dict(os.environ, PYTHONPATH=b)
             run = subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True, check=True)
             for key, t in json.loads(run.stdout.strip().splitlines()[-1]).items():
-                results[b].setdefault(key, []).append(t)
+                results[b].setdefault(key, []).append(t)  # (wall, cpu) per round
     keys = list(results[ROOT])
-    print(f"threads={args.threads}, medians of {args.rounds} rounds x {args.repeats} calls; seconds per call (GFLOP/s)")
-    header = "  ".join(f"{'build ' + str(i):>18}" for i in range(len(builds)))
+    print(f"threads={args.threads}, medians of {args.rounds} rounds x {args.repeats} calls; wall seconds per call "
+          "(GFLOP/s), and the process's CPU seconds (all threads: on a shared machine less noisy than wall time)")
+    header = "  ".join(f"{'build ' + str(i) + ' wall':>18} {'cpu':>8}" for i in range(len(builds)))
     print(f"{'':38}{header}")
     for key in keys:
         name, what = key.split()[:2]
@@ -101,9 +103,12 @@ def main():
         flop = B * T * T * D * (4 if what == "forward" else 10)
         cells = []
         for b in builds:
-            t = statistics.median(results[b][key]) if key in results[b] else None
-            cells.append(f"{t:9.5f} ({flop / t / 1e9:5.0f})" if t else f"{'-':>18}")
-        print(f"  {key:36}" + "  ".join(f"{c:>18}" for c in cells))
+            if key not in results[b]:
+                cells.append(f"{'-':>18} {'-':>8}")
+                continue
+            t = statistics.median(r[0] for r in results[b][key])
+            cells.append(f"{t:9.5f} ({flop / t / 1e9:5.0f}) {statistics.median(r[1] for r in results[b][key]):8.5f}")
+        print(f"  {key:36}" + "  ".join(cells))
     for i, b in enumerate(builds):
         print(f"  build {i}: {b}")
 
