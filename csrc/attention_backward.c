@@ -89,6 +89,27 @@ typedef struct {
 
 static __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
+/* x [rows, n] (stride ld) <- softmax of each row of scale x, by the fused kernel's base-2
+ * exponential (attention_pack.h). */
+VAD_TARGET_BF16 static void softmax_rows(float *x, int rows, int n, int ld, float scale) {
+    __m512 c = _mm512_set1_ps(scale * 1.4426950408889634f);
+    for (int r = 0; r < rows; r++) {
+        float *row = x + (size_t)r * ld;
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) mx = _mm512_mask_max_ps(mx, lanes(n - i), mx, _mm512_maskz_loadu_ps(lanes(n - i), row + i));
+        __m512 mc = _mm512_mul_ps(_mm512_set1_ps(_mm512_reduce_max_ps(mx)), c);
+        for (int i = 0; i < n; i += 16) {
+            __mmask16 mk = lanes(n - i);
+            __m512 p = _mm512_maskz_mov_ps(mk, vad_exp2_16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, row + i), c, mc)));
+            _mm512_mask_storeu_ps(row + i, mk, p);
+            sum = _mm512_add_ps(sum, p);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int i = 0; i < n; i += 16)
+            _mm512_mask_storeu_ps(row + i, lanes(n - i), _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(n - i), row + i), inv));
+    }
+}
+
 /* C[M, N] (stride ldc) = alpha A B over K2 pairs, plus C when accumulate; fp32 accumulation. */
 VAD_TARGET_BF16 static void product(float *C, int ldc, operand_a A, operand_b B, int M, int N, int K2, float alpha,
                                     int accumulate) {
@@ -144,7 +165,7 @@ static void head_backward(float *dQ, float *dK, float *dV, const float *Q, const
         operand_a doa = {hb.dor + (size_t)r0 * 2 * d.dh2, 2 * (size_t)d.dh2, 2};
         operand_b kb = {hb.kt, kbs, 2 * VAD_KEY_BLOCK}, vb = {hb.vt, kbs, 2 * VAD_KEY_BLOCK};
         product(hb.p, T, qa, kb, rc, T, d.dh2, 1.0f, 0);
-        vad_softmax_rows_serial(hb.p, rc, T, T, scale);
+        softmax_rows(hb.p, rc, T, T, scale);
         product(hb.ds, T, doa, vb, rc, T, d.dh2, 1.0f, 0);
         vad_softmax_rows_backward(hb.ds, hb.ds, hb.p, rc, T, T, 1.0f);
         /* dQ = s dS K */

@@ -65,22 +65,6 @@ typedef struct {
 
 static __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
-/* 2^t on 16 lanes: t = n + f with n an integer and |f| <= 1/2, 2^f by a degree-6 polynomial
- * (relative error ~1e-7, the fp32 rounding), times 2^n by vscalefps. t below -126 gives 2^-126. */
-VAD_AVX512 VAD_INLINE __m512 exp2_16(__m512 t) {
-    t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5345810970757157e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399930903688073e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618489071726799e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550328642129898e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022646248340607f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* Online-softmax step for QR rows of scores s (nv vectors of 16 keys each, nk valid) against the
  * running maxima m: s becomes the probabilities 2^(c (s - m_new)) (0 past nk), the lane-wise row
  * sums lsum and the output rows acc (dhv floats each) are rescaled by 2^(c (m_old - m_new)) and
@@ -95,7 +79,7 @@ VAD_AVX512 VAD_INLINE void softmax_rows(__m512 s[QR][4], int nv, const block_arg
         __m512 sum = _mm512_loadu_ps(a->lsum + 16 * r), mc = _mm512_set1_ps(m_new * a->c), cv = _mm512_set1_ps(a->c);
         /* the factor is exactly 1 when the maximum did not grow (most blocks after the first) */
         if (m_new != m_old) {
-            float alpha = m_old == -INFINITY ? 0.0f : _mm512_cvtss_f32(exp2_16(_mm512_set1_ps((m_old - m_new) * a->c)));
+            float alpha = m_old == -INFINITY ? 0.0f : _mm512_cvtss_f32(vad_exp2_16(_mm512_set1_ps((m_old - m_new) * a->c)));
             __m512 al = _mm512_set1_ps(alpha);
             float *o = a->acc + (size_t)r * a->dhv;
             for (int d = 0; d < a->dhv; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), al));
@@ -103,7 +87,7 @@ VAD_AVX512 VAD_INLINE void softmax_rows(__m512 s[QR][4], int nv, const block_arg
             a->m[r] = m_new;
         }
         for (int v = 0; v < nv; v++) {
-            s[r][v] = _mm512_maskz_mov_ps(km[v], exp2_16(_mm512_fmsub_ps(s[r][v], cv, mc)));
+            s[r][v] = _mm512_maskz_mov_ps(km[v], vad_exp2_16(_mm512_fmsub_ps(s[r][v], cv, mc)));
             sum = _mm512_add_ps(sum, s[r][v]);
         }
         _mm512_storeu_ps(a->lsum + 16 * r, sum);
