@@ -2,7 +2,6 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "attention_pack.h"
 #include "bf16.h"
@@ -87,8 +86,6 @@ typedef struct {
 
 #if defined(VAD_HAVE_BF16_KERNELS)
 
-static __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
-
 /* x [rows, n] (stride ld) <- softmax of each row of scale x, by the fused kernel's base-2
  * exponential (attention_pack.h). */
 VAD_TARGET_BF16 static void softmax_rows(float *x, int rows, int n, int ld, float scale) {
@@ -96,17 +93,17 @@ VAD_TARGET_BF16 static void softmax_rows(float *x, int rows, int n, int ld, floa
     for (int r = 0; r < rows; r++) {
         float *row = x + (size_t)r * ld;
         __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 16) mx = _mm512_mask_max_ps(mx, lanes(n - i), mx, _mm512_maskz_loadu_ps(lanes(n - i), row + i));
+        for (int i = 0; i < n; i += 16) mx = _mm512_mask_max_ps(mx, vad_lanes16(n - i), mx, _mm512_maskz_loadu_ps(vad_lanes16(n - i), row + i));
         __m512 mc = _mm512_mul_ps(_mm512_set1_ps(_mm512_reduce_max_ps(mx)), c);
         for (int i = 0; i < n; i += 16) {
-            __mmask16 mk = lanes(n - i);
+            __mmask16 mk = vad_lanes16(n - i);
             __m512 p = _mm512_maskz_mov_ps(mk, vad_exp2_16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, row + i), c, mc)));
             _mm512_mask_storeu_ps(row + i, mk, p);
             sum = _mm512_add_ps(sum, p);
         }
         __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
         for (int i = 0; i < n; i += 16)
-            _mm512_mask_storeu_ps(row + i, lanes(n - i), _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(n - i), row + i), inv));
+            _mm512_mask_storeu_ps(row + i, vad_lanes16(n - i), _mm512_mul_ps(_mm512_maskz_loadu_ps(vad_lanes16(n - i), row + i), inv));
     }
 }
 
@@ -116,7 +113,7 @@ VAD_TARGET_BF16 static void product(float *C, int ldc, operand_a A, operand_b B,
     __m512 al = _mm512_set1_ps(alpha);
     for (int n0 = 0; n0 < N; n0 += 64) {
         __mmask16 mk[4];
-        for (int v = 0; v < 4; v++) mk[v] = lanes(N - n0 - 16 * v);
+        for (int v = 0; v < 4; v++) mk[v] = vad_lanes16(N - n0 - 16 * v);
         const vad_bf16 *bp = B.p + (size_t)(n0 / 64) * B.bs;
         for (int m0 = 0; m0 < M; m0 += MR) {
             int mr = M - m0 < MR ? M - m0 : MR;

@@ -63,15 +63,13 @@ typedef struct {
 #define VAD_AVX512 __attribute__((target("avx512f")))
 #define VAD_INLINE static inline __attribute__((always_inline))
 
-static __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
-
 /* Online-softmax step for QR rows of scores s (nv vectors of 16 keys each, nk valid) against the
  * running maxima m: s becomes the probabilities 2^(c (s - m_new)) (0 past nk), the lane-wise row
  * sums lsum and the output rows acc (dhv floats each) are rescaled by 2^(c (m_old - m_new)) and
  * the sums accumulate the new probabilities. Shared by both precisions. */
 VAD_AVX512 VAD_INLINE void softmax_rows(__m512 s[QR][4], int nv, const block_args *a) {
     __mmask16 km[4];
-    for (int v = 0; v < nv; v++) km[v] = lanes(a->nk - 16 * v);
+    for (int v = 0; v < nv; v++) km[v] = vad_lanes16(a->nk - 16 * v);
     for (int r = 0; r < QR; r++) {
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int v = 0; v < nv; v++) mx = _mm512_mask_max_ps(mx, km[v], mx, s[r][v]);
@@ -106,7 +104,7 @@ VAD_AVX512 VAD_INLINE void store_acc(float *acc, const __m512 o[QR][4], int dhv,
 }
 
 VAD_AVX512 VAD_INLINE void col_masks(__mmask16 mk[4], int dhv, int g) {
-    for (int v = 0; v < 4; v++) mk[v] = lanes(dhv - g - 16 * v);
+    for (int v = 0; v < 4; v++) mk[v] = vad_lanes16(dhv - g - 16 * v);
 }
 
 /* ---------------------------------------------------------------- fp32 */

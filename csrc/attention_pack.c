@@ -10,8 +10,6 @@
 #define VAD_INLINE static inline __attribute__((always_inline))
 #define KB VAD_KEY_BLOCK
 
-static __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
-
 /* 16 x 16 transpose of 32-bit elements: r[i] lane j <-> r[j] lane i. */
 VAD_AVX512 VAD_INLINE void transpose16(__m512 r[16]) {
     __m512 t[16];
@@ -44,7 +42,7 @@ static void prefetch_rows(const float *x, int ld, int t, int n, int cols) {
 
 /* Columns c .. c + 15 of row t (zero past n rows and cols columns). */
 VAD_AVX512 VAD_INLINE __m512 row16(const float *x, int ld, int t, int n, int c, int cols) {
-    return t < n ? _mm512_maskz_loadu_ps(lanes(cols - c), x + (size_t)t * ld + c) : _mm512_setzero_ps();
+    return t < n ? _mm512_maskz_loadu_ps(vad_lanes16(cols - c), x + (size_t)t * ld + c) : _mm512_setzero_ps();
 }
 
 VAD_AVX512 void vad_pack_keys_f32(float *dst, const float *x, int ld, int n, int cols) {

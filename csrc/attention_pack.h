@@ -1,9 +1,9 @@
 /* What the attention kernels (attention_fused.c, attention_backward.c) share: their operand layouts,
  * packed from row-major fp32 matrices x [n, cols] (row stride ld) with AVX-512 (16 x 16 register
  * transposes, and prefetches of the rows ahead: one head's rows sit a page or more apart, beyond
- * the hardware prefetchers' reach), and the base-2 exponential of their softmax. Everything past n
- * rows and past cols columns is zero, so padded products add exact zeros. Callers check the CPU
- * (cpu_features.h). */
+ * the hardware prefetchers' reach), and two AVX-512 helpers of their softmax (lane masks, the base-2
+ * exponential). Everything past n rows and past cols columns is zero, so padded products add exact
+ * zeros. Callers check the CPU (cpu_features.h). */
 #ifndef VAD_ATTENTION_PACK_H
 #define VAD_ATTENTION_PACK_H
 
@@ -29,6 +29,11 @@ void vad_pack_pairs_bf16(vad_bf16 *dst, const float *x, int ld, int n, int np, i
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+
+/* The mask of the first n of 16 lanes (none for n <= 0, all for n >= 16). */
+static inline __mmask16 vad_lanes16(int n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
 
 /* 2^t on 16 lanes: t = n + f with n an integer and |f| <= 1/2, 2^f by a degree-6 polynomial
  * (relative error ~1e-7, the fp32 rounding), times 2^n by vscalefps. t below -126 gives 2^-126. */
