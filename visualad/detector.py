@@ -99,6 +99,10 @@ class Detector:
         backbone's products with bf16 inputs and fp32 accumulation on the CPU's bf16 instructions
         (AVX512-BF16; refused with an error naming the feature where the CPU lacks it); the head,
         LayerNorm, softmax and the residual stream stay fp32. See :func:`visualad.engine_info`.
+        Memory: a bf16 Detector loads the backbone bf16-only (the linear weights and the patch
+        embedding only as bf16 packs, shared by every clone and thread; the small tensors fp32),
+        about half the fp32 weight memory; :meth:`save` reads the fp32 weights from the source
+        again, and switching ``precision`` loads the other kind and keeps a trained ``head_``.
     random_state : int
         Seed for fresh heads and training.
     batch_size : int
