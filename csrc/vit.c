@@ -190,7 +190,7 @@ vad_vit_model *vad_vit_model_create(const vad_vit_config *cfg, const float *para
     }
     vad_vit_model *model = (vad_vit_model *)calloc(1, sizeof(vad_vit_model));
     if (model) {
-        model->cfg = *cfg; /* before anything that frees it (depth) */
+        model->cfg = *cfg;
         model->w.blocks = (vad_block_weights *)calloc((size_t)cfg->depth, sizeof(vad_block_weights));
         model->bf16 = vad_vit_bf16_packs_new();
     }

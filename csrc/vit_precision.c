@@ -36,10 +36,10 @@ static const float *linear_bias(const vad_block_weights *bw, int which) {
  * again (e.g. transposed) gives the bits packing the fp32 weight would. */
 static void unpack_bf16(float *w, const vad_bf16 *packed, int N, int K) {
     size_t K2 = ((size_t)K + 1) / 2;
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++)
-            w[(size_t)n * K + k] =
-                vad_from_bf16(packed[((size_t)(n / VAD_PANEL) * K2 + (size_t)k / 2) * VAD_PANEL * 2 + 2 * (n % VAD_PANEL) + k % 2]);
+    for (int n = 0; n < N; n++) {
+        const vad_bf16 *panel = packed + (size_t)(n / VAD_PANEL) * K2 * VAD_PANEL * 2 + 2 * (n % VAD_PANEL);
+        for (int k = 0; k < K; k++) w[(size_t)n * K + k] = vad_from_bf16(panel[(size_t)(k / 2) * VAD_PANEL * 2 + k % 2]);
+    }
 }
 
 /* Packs every block's linear weights into one buffer (*elems bf16 elements), slots[l][which]

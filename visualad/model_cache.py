@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -122,7 +123,7 @@ class LoadedBackbone:
         self.model = _engine.BackboneModel(backbone.config, backbone.params, precision)
         # a bf16-only model has packed what it needs: its backbone does not keep the float32 buffer
         self.backbone = backbone if precision == "fp32" else dataclasses.replace(backbone, params=None)
-        self.states = EngineStates(lambda n: self.model.state(n, precision))
+        self.states = EngineStates(functools.partial(self.model.state, precision=precision))  # no cycle via self
 
     def state(self, num_threads: int):
         """An engine state (``_engine.Backbone``, in this kind's precision) over this model for one
