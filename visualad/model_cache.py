@@ -257,6 +257,9 @@ def _identify(spec, digest: str | None):
             raise CheckpointError(f"{os.fspath(spec)}: the file's content differs from the backbone this "
                                   "Detector was pickled with (content digest mismatch)")
         return file_identity(spec), lambda: _read_path(spec)
+    if isinstance(spec, EngineBackbone) and spec.params is None:
+        raise TypeError("this EngineBackbone holds no float32 weights (a bf16 load's backbone): pass the "
+                        "backbone it was loaded from")
     if isinstance(spec, (dict, EngineBackbone)):
         return ("arrays", digest or arrays_digest(spec)), lambda: (
             spec if isinstance(spec, EngineBackbone) else build_backbone(spec), None, None, None)
