@@ -377,3 +377,16 @@ def test_bf16_detector_saves_pickles_and_switches_with_the_exact_weights(tmp_pat
                          _file_tensors(tmp_path / "fp32_trained.safetensors"))
     d16.set_params(precision="bf16")
     assert d16._model().precision == "bf16" and d16.head_ is trained
+
+
+def test_bf16_detector_refuses_to_save_a_dict_edited_in_place_since_it_was_loaded(tmp_path):
+    state, head, size, layers = MODELS["clip-64"]()
+    spec = to_numpy(state)
+    det = visualad.Detector(spec, head=to_numpy(head), layers=layers, image_size=size, precision="bf16")
+    det.anomaly_scores(random_images(1, size).numpy())
+    spec["visual.ln_post.bias"] = spec["visual.ln_post.bias"] + 1  # the engine still runs the loaded weights
+    with pytest.raises(ValueError, match="changed since they were loaded"):
+        det.save(tmp_path / "d.safetensors")
+    det.set_params(backbone=dict(spec))
+    det.save(tmp_path / "d.safetensors")
+    assert np.array_equal(_file_tensors(tmp_path / "d.safetensors")["backbone.ln_post.bias"], spec["visual.ln_post.bias"])

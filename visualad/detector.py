@@ -339,8 +339,10 @@ class Detector:
     def _fp32_backbone(self) -> EngineBackbone:
         """The loaded backbone with its float32 weights: the loaded ones (fp32), or for bf16, which
         keeps none resident, read from the source again (:func:`visualad.model_cache.fp32_backbone`)."""
-        backbone = self._model().backbone
-        return backbone if backbone.params is not None else model_cache.fp32_backbone(*self._weights_source())
+        loaded = self._model()
+        if loaded.backbone.params is not None:
+            return loaded.backbone
+        return model_cache.fp32_backbone(*self._weights_source(), key=loaded.key)
 
     def _reset_head(self):
         """head_ from the ``head`` parameter, else the head stored in a visualad backbone file, else a

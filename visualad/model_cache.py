@@ -286,11 +286,16 @@ def load(spec, digest: str | None = None, precision: str = "fp32") -> LoadedBack
     return entry
 
 
-def fp32_backbone(spec, digest: str | None = None) -> EngineBackbone:
+def fp32_backbone(spec, digest: str | None = None, key: tuple | None = None) -> EngineBackbone:
     """The EngineBackbone of ``spec`` with its float32 weights (``params``), for a user of a bf16
     backbone that needs them (a file holding the backbone): the loaded fp32 kind's when it is
-    cached, else read from ``spec`` again and not cached (dropped when the caller drops it)."""
-    key, read = _identify(spec, digest)
+    cached, else read from ``spec`` again and not cached (dropped when the caller drops it).
+    ``key``: the identity the weights were loaded with (a dict edited in place since is refused)."""
+    found, read = _identify(spec, digest)
+    if key is not None and found != key:
+        raise ValueError("the backbone's weights changed since they were loaded (a dict edited in place?): "
+                         "give the Detector a new dict of them, e.g. set_params(backbone=dict(weights))")
+    key = found
     entry = _cached((key, "fp32"))
     if entry is not None:
         return entry.backbone
