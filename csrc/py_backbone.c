@@ -63,34 +63,56 @@ static void BackboneModel_dealloc(BackboneModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* BackboneModel(config, params, precision="fp32"): "fp32" keeps params (and points into it); "bf16"
+ * packs the model now and lets params go (a bf16-only model). */
 static int BackboneModel_init(BackboneModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"config", "params", NULL};
+    static char *kwlist[] = {"config", "params", "precision", NULL};
     PyObject *config, *params;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &config, &params)) return -1;
+    const char *prec_name = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|s", kwlist, &config, &params, &prec_name)) return -1;
     if (self->model) {
         PyErr_SetString(PyExc_RuntimeError, "BackboneModel is already initialised");
         return -1;
     }
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return -1;
     vad_vit_config cfg;
     if (parse_vit_config(config, &cfg)) return -1;
     size_t total = 0;
     vad_vit_layout(&cfg, NULL, 0, &total);
     PyArrayObject *p = weight_buffer(params, total, "params", 0);
     if (!p) return -1;
-    self->model = vad_vit_model_create(&cfg, (const float *)PyArray_DATA(p));
+    Py_BEGIN_ALLOW_THREADS
+    self->model = vad_vit_model_create(&cfg, (const float *)PyArray_DATA(p), precision);
+    Py_END_ALLOW_THREADS
+    if (!self->model || precision != VAD_FP32) Py_DECREF(p);
     if (!self->model) {
-        Py_DECREF(p);
         raise_status(VAD_ERR_MEMORY);
         return -1;
     }
-    self->params = p;
+    if (precision == VAD_FP32) self->params = p;
     return 0;
+}
+
+static PyObject *BackboneModel_weight_bytes(BackboneModelObject *self, PyObject *unused) {
+    (void)unused;
+    if (!self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "BackboneModel is not initialised");
+        return NULL;
+    }
+    size_t fp32 = 0, bf16 = 0;
+    vad_vit_model_weight_bytes(self->model, &fp32, &bf16);
+    return Py_BuildValue("{s:n,s:n}", "fp32", (Py_ssize_t)fp32, "bf16", (Py_ssize_t)bf16);
 }
 
 static PyMethodDef BackboneModel_methods[] = {
     {"state", (PyCFunction)(void (*)(void))BackboneModel_state, METH_VARARGS | METH_KEYWORDS,
      "state(num_threads=1, precision='fp32') -> a new Backbone over this model (its own threads and\n"
-     "workspaces; the weights are shared, not copied; bf16 packs this state's own bf16 copies)."},
+     "workspaces; the weights are shared, not copied: bf16 states share the model's one bf16 pack).\n"
+     "A bf16-only model (precision='bf16') makes bf16 states only."},
+    {"weight_bytes", (PyCFunction)BackboneModel_weight_bytes, METH_NOARGS,
+     "weight_bytes() -> {'fp32': bytes, 'bf16': bytes}: the weights this model uses (an fp32 model's\n"
+     "buffer, or a bf16-only model's own small tensors; its bf16 packs made so far)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -26,12 +26,12 @@
 
 
 
-/* The read-only model (configuration + weight pointers) over a float32 buffer it keeps alive;
- * shared by every Backbone state made from it, across threads. */
+/* The read-only model (configuration + weights) over a float32 buffer it keeps alive, or bf16-only
+ * (its own bf16 packs and small tensors); shared by every Backbone state made from it, across threads. */
 typedef struct {
     PyObject_HEAD
     vad_vit_model *model;
-    PyArrayObject *params; /* keeps the weight buffer alive */
+    PyArrayObject *params; /* keeps the weight buffer alive (NULL for a bf16-only model) */
 } BackboneModelObject;
 
 

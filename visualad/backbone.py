@@ -30,11 +30,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class EngineBackbone:
-    """A backbone ready for the engine: family, config dict, packed weights, preprocessing."""
+    """A backbone ready for the engine: family, config dict, packed weights, preprocessing.
+
+    ``params`` is the float32 buffer of the engine's layout; None in the backbone of a bf16-only
+    load (:mod:`visualad.model_cache`), whose engine model holds the weights as bf16 packs."""
 
     family: str
     config: dict
-    params: np.ndarray
+    params: np.ndarray | None
     mean: tuple
     std: tuple
     default_ln_post: tuple = field(default=(None, None))

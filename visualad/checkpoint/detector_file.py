@@ -69,6 +69,17 @@ def is_visualad_file(path) -> bool:
         return False
 
 
+def stored_precision(path) -> str:
+    """The ``precision`` setting of a visualad file, from its header only: "fp32" when it has none or
+    the file is malformed (reading the file then says what is wrong)."""
+    try:
+        _, metadata, _, _ = read_header(os.fspath(path))
+        precision = json.loads(metadata["visualad"])["settings"]["precision"]
+    except (OSError, CheckpointError, KeyError, ValueError, TypeError, RecursionError):
+        return "fp32"
+    return precision if precision in PRECISIONS else "fp32"
+
+
 # Detector settings a file may carry, by kind (anything else is ignored by Detector.load)
 _INT_SETTINGS = {"image_size": (1, MAX_IMAGE_SIDE), "num_threads": (1, MAX_THREADS), "batch_size": (1, None),
                  "epochs": (1, None), "random_state": (None, None)}
