@@ -5,6 +5,7 @@
 
 #include "errors.h"
 #include "ops.h"
+#include "vad_limits.h"
 #include "workspace.h"
 
 struct vad_encoder {
