@@ -148,6 +148,17 @@ def test_detector_file_with_nan_weights_is_refused(tmp_path, trusted):
     _raises_checkpoint_error(lambda: visualad.Detector.load(path), path, "NaN")
 
 
+@pytest.mark.parametrize("kind", ["zip", "legacy"])
+def test_torch_checkpoint_with_nan_weights_is_refused(tmp_path, trusted, kind):
+    state = _tiny_vit().state_dict()
+    name = next(k for k in state if k.endswith("class_embedding"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    path = str(tmp_path / "nan.pt")
+    torch.save(state, path, _use_new_zipfile_serialization=kind == "zip")
+    _raises_checkpoint_error(lambda: visualad.Detector(path, image_size=SIZE, layers=[1]).encode(
+        trusted[1]), path, "NaN", "class_embedding")
+
+
 def test_engine_config_checks_every_size_in_c():
     """The glue refuses instead of truncating; the engine's check bounds every size (csrc/vad_limits.h)."""
     cfg = dict(width=8, depth=1, heads=2, patch=4, grid=2, mlp_hidden=32)

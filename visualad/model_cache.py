@@ -222,7 +222,13 @@ def _load_path(path, key: tuple) -> LoadedBackbone:
             return LoadedBackbone(key, None, head, settings, shared_from=load(backbone_path))
         return LoadedBackbone(key, backbone, head, settings)
     weights = load_backbone(path)
-    return LoadedBackbone(key, build_backbone(weights.tensors, weights.family, weights.hints))
+    try:
+        backbone = build_backbone(weights.tensors, weights.family, weights.hints)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as exc:  # weights the reader accepts but the engine cannot run (NaN, ...)
+        raise CheckpointError(f"{os.fspath(path)}: {exc}") from None
+    return LoadedBackbone(key, backbone)
 
 
 def load(spec, digest: str | None = None) -> LoadedBackbone:
