@@ -862,6 +862,13 @@ def train_step(family, state, head_t, opt, images, labels, masks, layers, topk_r
 # mapping to HF transformers naming (used by the self-checks)
 # =====================================================================================
 
+def _split_qkv(o: dict, names, W, b) -> None:
+    """The q, k and v rows of a packed projection (W [3D, D], b [3D]) as o[name + ".weight" / ".bias"]."""
+    D = W.shape[1]
+    for j, name in enumerate(names):
+        o[name + ".weight"], o[name + ".bias"] = W[j * D:(j + 1) * D], b[j * D:(j + 1) * D]
+
+
 def clip_to_hf(state: dict) -> dict:
     """OpenAI 'visual.*' -> transformers CLIPVisionModel state dict."""
     o = {}
@@ -873,12 +880,8 @@ def clip_to_hf(state: dict) -> dict:
     depth = _count_blocks(state, "visual.transformer.resblocks.")
     for i in range(depth):
         p, q = f"visual.transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
-        W = state[p + "attn.in_proj_weight"]
-        b = state[p + "attn.in_proj_bias"]
-        D = W.shape[1]
-        for j, n in enumerate(("q", "k", "v")):
-            o[q + f"self_attn.{n}_proj.weight"] = W[j * D:(j + 1) * D]
-            o[q + f"self_attn.{n}_proj.bias"] = b[j * D:(j + 1) * D]
+        _split_qkv(o, [q + f"self_attn.{n}_proj" for n in "qkv"], state[p + "attn.in_proj_weight"],
+                   state[p + "attn.in_proj_bias"])
         o[q + "self_attn.out_proj.weight"] = state[p + "attn.out_proj.weight"]
         o[q + "self_attn.out_proj.bias"] = state[p + "attn.out_proj.bias"]
         o[q + "layer_norm1.weight"] = state[p + "ln_1.weight"]
@@ -912,12 +915,9 @@ def dinov2_to_hf(state: dict, new_names: bool = True) -> dict:
     depth = _count_blocks(state, "blocks.")
     for i in range(depth):
         p, q = f"blocks.{i}.", f"encoder.layer.{i}."
-        W, b = state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"]
-        D = W.shape[1]
-        for j, (nn_new, nn_old) in enumerate((("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))):
-            name = f"attention.{nn_new}" if new_names else f"attention.attention.{nn_old}"
-            o[q + name + ".weight"] = W[j * D:(j + 1) * D]
-            o[q + name + ".bias"] = b[j * D:(j + 1) * D]
+        names = [q + (f"attention.{new}" if new_names else f"attention.attention.{old}")
+                 for new, old in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))]
+        _split_qkv(o, names, state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"])
         oname = "attention.o_proj" if new_names else "attention.output.dense"
         o[q + oname + ".weight"] = state[p + "attn.proj.weight"]
         o[q + oname + ".bias"] = state[p + "attn.proj.bias"]
