@@ -57,6 +57,22 @@ typedef struct {
     PyThread_type_lock lock;
 } HeadObject;
 
+/* The PyTypeObject of one of the extension's plain types (visualad._engine.<name>): an object struct
+ * with dealloc and init, a docstring and the method entries (the macro ends the table), created by
+ * PyType_GenericNew; no other slots. */
+#define VAD_PLAIN_TYPE(name, object, dealloc, init, doc, ...)                \
+    {                                                                        \
+        PyVarObject_HEAD_INIT(NULL, 0)                                       \
+        .tp_name = "visualad._engine." name,                                 \
+        .tp_basicsize = sizeof(object),                                      \
+        .tp_dealloc = (destructor)(dealloc),                                 \
+        .tp_flags = Py_TPFLAGS_DEFAULT,                                      \
+        .tp_doc = (doc),                                                     \
+        .tp_methods = (PyMethodDef[]){__VA_ARGS__, {NULL, NULL, 0, NULL}},   \
+        .tp_init = (initproc)(init),                                         \
+        .tp_new = PyType_GenericNew,                                         \
+    }
+
 /* ---- py_convert.c */
 PyObject *raise_status(int rc);
 PyArrayObject *as_float_array(PyObject *obj, const char *what, int ndim);

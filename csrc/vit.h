@@ -29,9 +29,6 @@ enum vad_pos_resize {
     VAD_POS_BICUBIC_SIZE = 3,   /* transformers DINOv2, ONNX cubic Resize: bicubic to size g, no antialias */
 };
 
-/* The most layers one call may ask for (features, the head's used layers). */
-#define VAD_MAX_LAYERS 64
-
 typedef struct {
     int width, depth, heads, patch;
     int grid0;       /* native grid of the positional embedding (pos has 1 + grid0^2 rows) */

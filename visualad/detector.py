@@ -510,7 +510,7 @@ class Detector:
         settings (``sigma``, ``topk_ratio``, ``threshold``, ``layers``) without training anything.
 
         With labels: X images in any accepted form; y 0/1 labels; masks: None or one entry per image (None, a
-        path, a PIL image or an array; see visualad.training.prepare_targets). AdamW with t_a/t_n at
+        path, a PIL image or an array; see visualad.training.batch_targets). AdamW with t_a/t_n at
         ``learning_rate`` and the rest at ``head_learning_rate``, weight decay 0.01, cosine annealing
         per epoch (eta_min 1e-4), t_a/t_n gradients clipped separately to norm 1, NaN steps skipped,
         ``dropout`` in SAF and SCA. Progress (running loss terms) with ``progress=True``. If

@@ -245,7 +245,13 @@ def _read_path(path):
     if is_visualad_file(path):
         return read_detector_file(path)
     weights = load_backbone(path)
-    return build_backbone(weights.tensors, weights.family, weights.hints), None, None, None
+    try:
+        backbone = build_backbone(weights.tensors, weights.family, weights.hints)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as exc:  # weights the reader accepts but the engine cannot run (NaN, ...)
+        raise CheckpointError(f"{os.fspath(path)}: {exc}") from None
+    return backbone, None, None, None
 
 
 def _identify(spec, digest: str | None):
