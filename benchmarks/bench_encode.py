@@ -20,6 +20,8 @@ from torch_eager import ClipVisualADTower, clip_flops  # noqa: E402
 import visualad  # noqa: E402
 
 DINOV2_CONFIGS = [("DINOv2-L/14", 1024, 24, 14, 37, 518, 1), ("DINOv2-L/14", 1024, 24, 14, 37, 518, 4)]
+CLIP_HF_CONFIGS = [("ViT-B/16", 768, 12, 16, 14, 224, 1), ("ViT-B/16", 768, 12, 16, 14, 224, 4),
+                   ("ViT-L/14", 1024, 24, 14, 37, 518, 1)]
 
 CONFIGS = [  # name, width, depth, patch, native grid, image size, batch
     ("ViT-B/16", 768, 12, 16, 14, 224, 1),
@@ -61,13 +63,29 @@ def dinov2_models(width, depth, size):
     return hf, build_backbone(bw.tensors, bw.family, bw.hints)
 
 
+def clip_hf_models(width, depth, patch, size):
+    """transformers CLIPVisionModel (random init, SDPA attention, QuickGELU) and the same weights for visualad."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from visualad.backbone import build_backbone
+    from visualad.checkpoint import load_backbone
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
+                           num_attention_heads=width // 64, image_size=size, patch_size=patch, hidden_act="quick_gelu",
+                           attn_implementation="sdpa")
+    hf = CLIPVisionModel(cfg).eval()
+    assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+    bw = load_backbone({k: v.detach().numpy() for k, v in hf.state_dict().items()})
+    return hf, build_backbone(bw.tensors, bw.family, bw.hints)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="only ViT-B/16 at 224")
-    ap.add_argument("--family", choices=("clip", "dinov2"), default="clip",
-                    help="clip: OpenAI-style towers vs nn.MultiheadAttention; dinov2: ViT-L/14 at 518 vs transformers")
+    ap.add_argument("--family", choices=("clip", "clip-hf", "dinov2"), default="clip",
+                    help="clip: OpenAI-style towers vs nn.MultiheadAttention; clip-hf: vs transformers "
+                         "CLIPVisionModel with SDPA attention; dinov2: ViT-L/14 at 518 vs transformers (SDPA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = 4096
@@ -75,13 +93,16 @@ def main():
     print(f"threads={args.threads}  large-SGEMM peak (n={n}, engine BLAS): {peak:.1f} GFLOP/s  torch {torch.__version__}")
     print(f"{'model':9s} {'S':>4s} {'B':>2s} {'ours s':>8s} {'torch s':>8s} {'ratio':>6s} {'GFLOP/s':>8s} {'%peak':>6s}"
           f" {'steal':>6s}")
-    configs = DINOV2_CONFIGS if args.family == "dinov2" else (CONFIGS[:2] if args.quick else CONFIGS)
+    configs = {"dinov2": DINOV2_CONFIGS, "clip-hf": CLIP_HF_CONFIGS}.get(args.family, CONFIGS)
+    configs = configs[:2] if args.quick else configs
     cache = {}
     for name, width, depth, patch, grid, size, batch in configs:
         if name not in cache:
             cache.clear()
             if args.family == "dinov2":
                 cache[name] = dinov2_models(width, depth, size)
+            elif args.family == "clip-hf":
+                cache[name] = clip_hf_models(width, depth, patch, size)
             else:
                 sd = random_openai(width, depth, patch, grid)
                 cache[name] = (ClipVisualADTower.from_openai(sd), sd)
@@ -91,7 +112,7 @@ def main():
         x = np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype(np.float32)
         xt = torch.from_numpy(x)
         det.encode(x)  # loads weights
-        if args.family == "dinov2":
+        if args.family in ("dinov2", "clip-hf"):
             run_ref = lambda: tmodel(pixel_values=xt, output_hidden_states=True)  # noqa: E731
         else:
             run_ref = lambda: tmodel(xt, layers)  # noqa: E731

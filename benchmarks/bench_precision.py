@@ -5,9 +5,10 @@ threads, every side timed round-robin in one run (timing.interleaved_medians).
 Prints per configuration: median seconds per call, achieved TFLOP/s, the percentage of the bf16 GEMM
 rate measured in the same run (a 1372 x 1024 x 4096 product on the engine's bf16 kernel), and the
 deviation of each bf16 side's features from its own fp32 (max abs / max abs); then the anomaly-maps
-pipeline in both precisions (time, map error / map range, score error), a profile of the bf16 tower
-(its products timed alone at the model's shapes), and peak RSS of each visualad precision (each in a
-child process). The one training step is benchmarks/bench_train.py --precision bf16 / --autocast.
+pipeline in both precisions (time, map error / map range, score error) and a profile of the bf16 tower
+(its products timed alone at the model's shapes). Weight memory and peak RSS per precision are
+benchmarks/bench_clone_memory.py; the one training step is benchmarks/bench_train.py --precision bf16 /
+--autocast.
 
 Needs the `bench` extra (onnxruntime, openvino). Usage:
   python benchmarks/bench_precision.py [--threads 2] [--repeats 3] [--quick] [--skip-peers] [--config I ...]
@@ -15,9 +16,7 @@ Needs the `bench` extra (onnxruntime, openvino). Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_encode import random_openai  # noqa: E402
-from timing import StealMeter, interleaved_medians, peak_rss_mb  # noqa: E402
+from timing import StealMeter, interleaved_medians  # noqa: E402
 from torch_eager import ClipVisualADTower, clip_flops  # noqa: E402
 
 import visualad  # noqa: E402
@@ -123,16 +122,6 @@ def profile_bf16(width, depth, patch, size, batch, threads, repeats):
     return parts
 
 
-def rss_child(cfg_index, precision, threads):
-    name, width, depth, patch, grid, size, batch = CONFIGS[cfg_index]
-    sd = random_openai(width, depth, patch, grid)
-    layers = [depth // 4, depth // 2, 3 * depth // 4, depth]
-    det = visualad.Detector(sd, image_size=size, layers=layers, num_threads=threads, precision=precision)
-    x = np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype(np.float32)
-    det.encode(x)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
@@ -141,10 +130,7 @@ def main():
     ap.add_argument("--skip-peers", action="store_true", help="visualad only (no ONNX Runtime / OpenVINO / PyTorch)")
     ap.add_argument("--config", type=int, action="append", metavar="I",
                     help="run only CONFIGS[I] (0: ViT-B/16 b1, 1: ViT-B/16 b8, 2: ViT-L/14@518 b1); repeatable")
-    ap.add_argument("--rss-child", nargs=2, metavar=("CONFIG", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.rss_child:
-        return rss_child(int(args.rss_child[0]), args.rss_child[1], args.threads)
     torch.set_num_threads(args.threads)
     info = visualad.engine_info()
     print(f"threads={args.threads}  kernels: fp32 {info['precisions']['fp32']['kernel']}, bf16 "
@@ -199,13 +185,6 @@ def main():
         span = float(m32.max() - m32.min())
         print(f"  anomaly maps: fp32 {mt['fp32']:.3f} s, bf16 {mt['bf16']:.3f} s; bf16 max|map err| / map range "
               f"{np.abs(m16 - m32).max() / span:.2e}, max|score err| {np.abs(s16 - s32).max():.2e} (range {span:.3e})")
-        if batch == 1:
-            rss = {}
-            for p in ("fp32", "bf16"):
-                cmd = [sys.executable, __file__, "--threads", str(args.threads), "--rss-child", str(ci), p]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-                rss[p] = json.loads(out)["peak_rss_mb"]
-            print(f"  peak RSS of one encode (own process): fp32 {rss['fp32']:.0f} MB, bf16 {rss['bf16']:.0f} MB")
         sys.stdout.flush()
 
 

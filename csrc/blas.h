@@ -1,5 +1,5 @@
 /* The one place that names the BLAS provider (scipy-openblas32: every symbol prefixed scipy_).
- * Everything else calls vad_sgemm / vad_blas_set_threads_local. */
+ * Everything else calls vad_sgemm / vad_blas_single_thread. */
 #ifndef VAD_BLAS_H
 #define VAD_BLAS_H
 

@@ -5,6 +5,7 @@
 
 #include "errors.h"
 #include "ops.h"
+#include "vad_limits.h"
 #include "workspace.h"
 
 struct vad_encoder {
@@ -122,9 +123,9 @@ int vad_encode_train(vad_encoder *e, const float *images, int B, int S, const fl
         carve.bytes = 0;
     }
     train_walk(&carve, e, per_state, L, D);
-    int all[VAD_MAX_LAYERS * 16];
-    float *outs[VAD_MAX_LAYERS * 16];
-    if (L + 1 > VAD_MAX_LAYERS * 16) return vad_fail(VAD_ERR_VALUE, "too many blocks for training");
+    int all[VAD_MAX_DEPTH + 1];
+    float *outs[VAD_MAX_DEPTH + 1];
+    if (L > VAD_MAX_DEPTH) return vad_fail(VAD_ERR_VALUE, "too many blocks for training");
     for (int l = 0; l <= L; l++) {
         all[l] = l;
         outs[l] = e->train + per_state * (size_t)l;
@@ -155,8 +156,8 @@ int vad_encode_backward(vad_encoder *e, const float *const *dfeats, const float 
      * work state passed to the tower backward) */
     float *dfinal = e->dfinal;
     float *inject_buf = NULL;
-    const float *inject[VAD_MAX_LAYERS * 16] = {0};
-    int n_inject = 0, slot[VAD_MAX_LAYERS * 16];
+    const float *inject[VAD_MAX_DEPTH + 1] = {0};
+    int n_inject = 0, slot[VAD_MAX_DEPTH + 1];
     for (int l = 0; l <= L; l++) slot[l] = -1;
     for (int i = 0; i < e->n_layers; i++)
         if (e->layers[i] < L && slot[e->layers[i]] < 0) slot[e->layers[i]] = n_inject++;

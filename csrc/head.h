@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "vad_limits.h"
 #include "vit.h"
 #include "workspace.h"
 

@@ -63,49 +63,61 @@ static void BackboneModel_dealloc(BackboneModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* BackboneModel(config, params, precision="fp32"): "fp32" keeps params (and points into it); "bf16"
+ * packs the model now and lets params go (a bf16-only model). */
 static int BackboneModel_init(BackboneModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"config", "params", NULL};
+    static char *kwlist[] = {"config", "params", "precision", NULL};
     PyObject *config, *params;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &config, &params)) return -1;
+    const char *prec_name = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|s", kwlist, &config, &params, &prec_name)) return -1;
     if (self->model) {
         PyErr_SetString(PyExc_RuntimeError, "BackboneModel is already initialised");
         return -1;
     }
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return -1;
     vad_vit_config cfg;
     if (parse_vit_config(config, &cfg)) return -1;
     size_t total = 0;
     vad_vit_layout(&cfg, NULL, 0, &total);
     PyArrayObject *p = weight_buffer(params, total, "params", 0);
     if (!p) return -1;
-    self->model = vad_vit_model_create(&cfg, (const float *)PyArray_DATA(p));
+    Py_BEGIN_ALLOW_THREADS
+    self->model = vad_vit_model_create(&cfg, (const float *)PyArray_DATA(p), precision);
+    Py_END_ALLOW_THREADS
+    if (!self->model || precision != VAD_FP32) Py_DECREF(p);
     if (!self->model) {
-        Py_DECREF(p);
         raise_status(VAD_ERR_MEMORY);
         return -1;
     }
-    self->params = p;
+    if (precision == VAD_FP32) self->params = p;
     return 0;
 }
 
-static PyMethodDef BackboneModel_methods[] = {
+static PyObject *BackboneModel_weight_bytes(BackboneModelObject *self, PyObject *unused) {
+    (void)unused;
+    if (!self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "BackboneModel is not initialised");
+        return NULL;
+    }
+    size_t fp32 = 0, bf16 = 0;
+    vad_vit_model_weight_bytes(self->model, &fp32, &bf16);
+    return Py_BuildValue("{s:n,s:n}", "fp32", (Py_ssize_t)fp32, "bf16", (Py_ssize_t)bf16);
+}
+
+PyTypeObject BackboneModelType = VAD_PLAIN_TYPE(
+    "BackboneModel", BackboneModelObject, BackboneModel_dealloc, BackboneModel_init,
+    "BackboneModel(config, params, precision='fp32'): a frozen ViT tower's configuration over a float32\n"
+    "weight buffer, read-only and shared by the Backbone states made from it (state()), across threads.\n"
+    "precision='bf16' makes a bf16-only model: the linear weights packed to bf16 now, the small tensors\n"
+    "copied, and params no longer used.",
     {"state", (PyCFunction)(void (*)(void))BackboneModel_state, METH_VARARGS | METH_KEYWORDS,
      "state(num_threads=1, precision='fp32') -> a new Backbone over this model (its own threads and\n"
-     "workspaces; the weights are shared, not copied; bf16 packs this state's own bf16 copies)."},
-    {NULL, NULL, 0, NULL},
-};
-
-PyTypeObject BackboneModelType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "visualad._engine.BackboneModel",
-    .tp_basicsize = sizeof(BackboneModelObject),
-    .tp_dealloc = (destructor)BackboneModel_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "BackboneModel(config, params): a frozen ViT tower's configuration over a float32 weight buffer,\n"
-              "read-only and shared by the Backbone states made from it (state()), across threads.",
-    .tp_methods = BackboneModel_methods,
-    .tp_init = (initproc)BackboneModel_init,
-    .tp_new = PyType_GenericNew,
-};
+     "workspaces; the weights are shared, not copied: bf16 states share the model's one bf16 pack).\n"
+     "A bf16-only model (precision='bf16') makes bf16 states only."},
+    {"weight_bytes", (PyCFunction)BackboneModel_weight_bytes, METH_NOARGS,
+     "weight_bytes() -> {'fp32': bytes, 'bf16': bytes}: the weights this model uses (an fp32 model's\n"
+     "buffer, or a bf16-only model's own small tensors; its bf16 packs made so far)."});
 
 static void Backbone_dealloc(BackboneObject *self) {
     vad_encoder_free(self->encoder);
@@ -409,7 +421,10 @@ done:
     return result;
 }
 
-static PyMethodDef Backbone_methods[] = {
+PyTypeObject BackboneType = VAD_PLAIN_TYPE(
+    "Backbone", BackboneObject, Backbone_dealloc, Backbone_init,
+    "Backbone(config, params, num_threads=1, precision='fp32'): a frozen ViT tower in C over a float32 weight buffer:\n"
+    "one caller's state (threads, workspaces) over a BackboneModel (BackboneModel.state() shares one).",
     {"forward", (PyCFunction)(void (*)(void))Backbone_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(images, layers, inserted=None, final_norm=False) -> list of float32 (B, T, D) residual\n"
      "streams after the given 1-based blocks (0 = input of block 1). inserted: (k, D) tokens placed\n"
@@ -420,22 +435,7 @@ static PyMethodDef Backbone_methods[] = {
      "encode_train(...): encode() that keeps the activations for encode_backward()."},
     {"encode_backward", (PyCFunction)Backbone_encode_backward, METH_VARARGS,
      "encode_backward(dfeats, d_anomaly_token, d_normal_token) -> (d tokens (2, D), d ln_weight, d ln_bias)\n"
-     "for the last encode_train() call (gradients through the frozen backbone)."},
-    {NULL, NULL, 0, NULL},
-};
-
-PyTypeObject BackboneType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "visualad._engine.Backbone",
-    .tp_basicsize = sizeof(BackboneObject),
-    .tp_dealloc = (destructor)Backbone_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Backbone(config, params, num_threads=1, precision='fp32'): a frozen ViT tower in C over a float32 weight buffer:\n"
-              "one caller's state (threads, workspaces) over a BackboneModel (BackboneModel.state() shares one).",
-    .tp_methods = Backbone_methods,
-    .tp_init = (initproc)Backbone_init,
-    .tp_new = PyType_GenericNew,
-};
+     "for the last encode_train() call (gradients through the frozen backbone)."});
 
 static PyObject *BackboneModel_state(BackboneModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"num_threads", "precision", NULL};

@@ -169,10 +169,10 @@ int dict_int(PyObject *d, const char *key, int *out, int required) {
 PyObject *py_limits(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{sisisisisisisisisi}", "width", VAD_MAX_WIDTH, "depth", VAD_MAX_DEPTH, "heads",
+    return Py_BuildValue("{sisisisisisisisisisi}", "width", VAD_MAX_WIDTH, "depth", VAD_MAX_DEPTH, "heads",
                          VAD_MAX_HEADS, "patch", VAD_MAX_PATCH, "grid", VAD_MAX_GRID, "registers",
                          VAD_MAX_REGISTERS, "mlp_hidden", VAD_MAX_MLP_HIDDEN, "image_side", VAD_MAX_IMAGE_SIDE,
-                         "threads", VAD_MAX_THREADS);
+                         "threads", VAD_MAX_THREADS, "layers", VAD_MAX_LAYERS);
 }
 
 PyArrayObject *check_vector(PyObject *obj, const char *what, int D) {

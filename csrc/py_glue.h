@@ -26,12 +26,12 @@
 
 
 
-/* The read-only model (configuration + weight pointers) over a float32 buffer it keeps alive;
- * shared by every Backbone state made from it, across threads. */
+/* The read-only model (configuration + weights) over a float32 buffer it keeps alive, or bf16-only
+ * (its own bf16 packs and small tensors); shared by every Backbone state made from it, across threads. */
 typedef struct {
     PyObject_HEAD
     vad_vit_model *model;
-    PyArrayObject *params; /* keeps the weight buffer alive */
+    PyArrayObject *params; /* keeps the weight buffer alive (NULL for a bf16-only model) */
 } BackboneModelObject;
 
 
@@ -56,6 +56,22 @@ typedef struct {
     PyArrayObject *params;
     PyThread_type_lock lock;
 } HeadObject;
+
+/* The PyTypeObject of one of the extension's plain types (visualad._engine.<name>): an object struct
+ * with dealloc and init, a docstring and the method entries (the macro ends the table), created by
+ * PyType_GenericNew; no other slots. */
+#define VAD_PLAIN_TYPE(name, object, dealloc, init, doc, ...)                \
+    {                                                                        \
+        PyVarObject_HEAD_INIT(NULL, 0)                                       \
+        .tp_name = "visualad._engine." name,                                 \
+        .tp_basicsize = sizeof(object),                                      \
+        .tp_dealloc = (destructor)(dealloc),                                 \
+        .tp_flags = Py_TPFLAGS_DEFAULT,                                      \
+        .tp_doc = (doc),                                                     \
+        .tp_methods = (PyMethodDef[]){__VA_ARGS__, {NULL, NULL, 0, NULL}},   \
+        .tp_init = (initproc)(init),                                         \
+        .tp_new = PyType_GenericNew,                                         \
+    }
 
 /* ---- py_convert.c */
 PyObject *raise_status(int rc);

@@ -174,7 +174,9 @@ done:
     return result;
 }
 
-static PyMethodDef Head_methods[] = {
+PyTypeObject HeadType = VAD_PLAIN_TYPE(
+    "Head", HeadObject, Head_dealloc, Head_init,
+    "Head(config, params, num_threads=1): the VisualAD head (SCA, SAF, maps, score) in C.",
     {"maps", (PyCFunction)(void (*)(void))Head_maps, METH_VARARGS | METH_KEYWORDS,
      "maps(feats, anomaly_token, normal_token, image_size, sigma, topk, layer_maps=False, tokens=False)\n"
      "-> (final (B,S,S), scores (B,), layer maps (L,B,S,S) or None, SCA tokens (L,2,B,D) or None)"},
@@ -184,18 +186,4 @@ static PyMethodDef Head_methods[] = {
      "accumulated into `grad` when given: SAF/SCA entries only), dfeats [(B,N,D)] per layer,\n"
      "d anomaly_token (B,D), d normal_token (B,D)). masks (B,S,S) or None (all normal); has_mask (B,) or\n"
      "None (all 1): images with has_mask 0 skip the segmentation loss. layer_maps: a float32 (L,B,S,S)\n"
-     "array that receives the forward's unfiltered per-layer maps. See csrc/head_train.h."},
-    {NULL, NULL, 0, NULL},
-};
-
-PyTypeObject HeadType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "visualad._engine.Head",
-    .tp_basicsize = sizeof(HeadObject),
-    .tp_dealloc = (destructor)Head_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Head(config, params, num_threads=1): the VisualAD head (SCA, SAF, maps, score) in C.",
-    .tp_methods = Head_methods,
-    .tp_init = (initproc)Head_init,
-    .tp_new = PyType_GenericNew,
-};
+     "array that receives the forward's unfiltered per-layer maps. See csrc/head_train.h."});

@@ -19,6 +19,7 @@
 #define VAD_MAX_MLP_HIDDEN 65536 /* MLP hidden width (each half for SwiGLU) */
 #define VAD_MAX_IMAGE_SIDE 8192  /* input side S */
 #define VAD_MAX_THREADS 256      /* no thread pool is ever larger */
+#define VAD_MAX_LAYERS 64        /* layers one call may ask for (features, the head's used layers) */
 
 /* *out = a * b; returns 0 on overflow (then *out is left unchanged). */
 static inline int vad_mul_size(size_t a, size_t b, size_t *out) {

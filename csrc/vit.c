@@ -22,17 +22,27 @@ typedef struct {
     int max, count;
     size_t total;
     int overflow; /* a size did not fit in size_t (impossible for a checked config) */
+    /* compact: the pointers go to `small` (a bf16-only model's own buffer; NULL: sizing only), where the
+     * tensors other than the bf16-held ones are copied from base, small_total floats in all; the
+     * bf16-held ones get NULL */
+    int compact;
+    float *small;
+    size_t small_total;
 } layout_builder;
 
-/* Appends one tensor. Plain tensors are stored row-major; with panel != 0 a linear weight
- * [d0, d1] is stored in column panels (panel_gemm.h) starting on a 64-byte boundary. */
-static const float *emit_stored(layout_builder *lb, const float *base, const char *name, int panel, int ndim,
+/* How a tensor is stored: row-major; row-major and, in a bf16-only model, held only as a bf16 pack
+ * (the patch embedding); in column panels (a block linear weight, also held only as a bf16 pack). */
+enum stored_kind { STORED_ROW = 0, STORED_ROW_BF16 = 1, STORED_PANEL = 2 };
+
+/* Appends one tensor. Plain tensors are stored row-major; a STORED_PANEL linear weight [d0, d1] is
+ * stored in column panels (panel_gemm.h) starting on a 64-byte boundary. */
+static const float *emit_stored(layout_builder *lb, const float *base, const char *name, int kind, int ndim,
                                 int d0, int d1, int d2, int d3) {
     size_t size = 1;
     int dims[4] = {d0, d1, d2, d3};
     for (int i = 0; i < ndim; i++)
         if (dims[i] < 0 || !vad_mul_size(size, (size_t)dims[i], &size)) lb->overflow = 1;
-    if (panel) {
+    if (kind == STORED_PANEL) {
         size = vad_panel_floats(d0, d1);
         if (!vad_add_size(lb->total, 15, &lb->total)) lb->overflow = 1;
         lb->total = lb->total / 16 * 16;
@@ -44,9 +54,19 @@ static const float *emit_stored(layout_builder *lb, const float *base, const cha
         for (int i = 0; i < 4; i++) e->shape[i] = i < ndim ? dims[i] : 0;
         e->offset = lb->total;
         e->size = size;
-        e->panel = panel ? VAD_PANEL : 0;
+        e->panel = kind == STORED_PANEL ? VAD_PANEL : 0;
     }
     const float *p = base ? base + lb->total : NULL;
+    if (lb->compact) {
+        p = NULL;
+        if (kind == STORED_ROW) {
+            if (lb->small) {
+                memcpy(lb->small + lb->small_total, base + lb->total, size * sizeof(float));
+                p = lb->small + lb->small_total;
+            }
+            lb->small_total += (size + 15) / 16 * 16; /* each on a 64-byte boundary */
+        }
+    }
     lb->count++;
     if (!vad_add_size(lb->total, size, &lb->total)) lb->overflow = 1;
     return p;
@@ -54,7 +74,7 @@ static const float *emit_stored(layout_builder *lb, const float *base, const cha
 
 static const float *emit(layout_builder *lb, const float *base, const char *name, int ndim, int d0, int d1,
                          int d2, int d3) {
-    return emit_stored(lb, base, name, 0, ndim, d0, d1, d2, d3);
+    return emit_stored(lb, base, name, STORED_ROW, ndim, d0, d1, d2, d3);
 }
 
 /* One walk over the tensors: names/shapes/offsets for the layout, pointers for the weights. */
@@ -66,7 +86,7 @@ static void walk_layout(const vad_vit_config *c, layout_builder *lb, const float
     vad_vit_weights tmp;
     memset(&tmp, 0, sizeof tmp);
     if (!w) w = &tmp;
-    w->patch_w = emit(lb, base, "patch.weight", 4, D, 3, P, P);
+    w->patch_w = emit_stored(lb, base, "patch.weight", STORED_ROW_BF16, 4, D, 3, P, P);
     w->patch_b = c->patch_bias ? emit(lb, base, "patch.bias", 1, D, 0, 0, 0) : NULL;
     w->cls = emit(lb, base, "cls", 1, D, 0, 0, 0);
     w->pos = emit(lb, base, "pos", 2, 1 + c->grid0 * c->grid0, D, 0, 0);
@@ -81,8 +101,8 @@ static void walk_layout(const vad_vit_config *c, layout_builder *lb, const float
 #define BLK_STORED(field, suffix, panel, nd, a, b)              \
     snprintf(name, sizeof name, "blocks.%d.%s", i, suffix);     \
     bw.field = emit_stored(lb, base, name, panel, nd, a, b, 0, 0)
-#define BLK(field, suffix, nd, a, b) BLK_STORED(field, suffix, 0, nd, a, b)
-#define LINEAR(field, suffix, a, b) BLK_STORED(field, suffix, 1, 2, a, b)
+#define BLK(field, suffix, nd, a, b) BLK_STORED(field, suffix, STORED_ROW, nd, a, b)
+#define LINEAR(field, suffix, a, b) BLK_STORED(field, suffix, STORED_PANEL, 2, a, b)
         BLK(ln1_w, "ln1.weight", 1, D, 0);
         BLK(ln1_b, "ln1.bias", 1, D, 0);
         LINEAR(qkv_w, "qkv.weight", 3 * D, D);
@@ -137,7 +157,7 @@ int vad_vit_config_check(const vad_vit_config *c) {
 }
 
 int vad_vit_layout(const vad_vit_config *cfg, vad_tensor_entry *entries, int max, size_t *total) {
-    layout_builder lb = {entries, max, 0, 0, 0};
+    layout_builder lb = {entries, max, 0, 0, 0, 0, NULL, 0};
     walk_layout(cfg, &lb, NULL, NULL);
     if (total) *total = lb.total;
     if (lb.overflow) return vad_fail(-1, "backbone config: the weight layout overflows size_t");
@@ -146,26 +166,64 @@ int vad_vit_layout(const vad_vit_config *cfg, vad_tensor_entry *entries, int max
 
 /* ------------------------------------------------------------------ lifetime */
 
-vad_vit_model *vad_vit_model_create(const vad_vit_config *cfg, const float *params) {
+/* A bf16-only model: the bf16 packs from the fp32 weights, then the other tensors copied into the
+ * model's own buffer; the weight pointers move there (NULL for the packed ones). */
+static int make_bf16_only(vad_vit_model *model) {
+    int rc = vad_vit_bf16_packs_forward(model);
+    if (rc) return rc;
+    layout_builder sizing = {NULL, 0, 0, 0, 0, 1, NULL, 0};
+    walk_layout(&model->cfg, &sizing, model->params, NULL);
+    if (!(model->small = (float *)malloc(sizing.small_total * sizeof(float))))
+        return vad_fail(VAD_ERR_MEMORY, "out of memory creating the bf16 backbone");
+    layout_builder lb = {NULL, 0, 0, 0, 0, 1, model->small, 0};
+    walk_layout(&model->cfg, &lb, model->params, &model->w);
+    model->params = NULL;
+    model->fp32_floats = lb.small_total;
+    return VAD_OK;
+}
+
+vad_vit_model *vad_vit_model_create(const vad_vit_config *cfg, const float *params, int precision) {
     if (vad_vit_config_check(cfg) != VAD_OK) return NULL;
+    if (precision != VAD_FP32 && precision != VAD_BF16) {
+        vad_fail(VAD_ERR_VALUE, "unknown precision %d", precision);
+        return NULL;
+    }
     vad_vit_model *model = (vad_vit_model *)calloc(1, sizeof(vad_vit_model));
-    if (model) model->w.blocks = (vad_block_weights *)calloc((size_t)cfg->depth, sizeof(vad_block_weights));
-    if (!model || !model->w.blocks) {
+    if (model) {
+        model->cfg = *cfg;
+        model->w.blocks = (vad_block_weights *)calloc((size_t)cfg->depth, sizeof(vad_block_weights));
+        model->bf16 = vad_vit_bf16_packs_new();
+    }
+    if (!model || !model->w.blocks || !model->bf16) {
         vad_vit_model_free(model);
         vad_fail(VAD_ERR_MEMORY, "out of memory creating the backbone");
         return NULL;
     }
-    model->cfg = *cfg;
+    model->precision = precision;
     model->params = params;
-    layout_builder lb = {NULL, 0, 0, 0, 0};
+    layout_builder lb = {NULL, 0, 0, 0, 0, 0, NULL, 0};
     walk_layout(cfg, &lb, params, &model->w);
+    model->fp32_floats = lb.total;
+    if (precision == VAD_BF16 && make_bf16_only(model) != VAD_OK) {
+        vad_vit_model_free(model);
+        return NULL;
+    }
     return model;
 }
 
 void vad_vit_model_free(vad_vit_model *model) {
     if (!model) return;
+    vad_vit_bf16_packs_free(model->bf16);
+    free(model->small);
     free(model->w.blocks);
     free(model);
+}
+
+void vad_vit_model_weight_bytes(const vad_vit_model *model, size_t *fp32_bytes, size_t *bf16_bytes) {
+    *fp32_bytes = model->fp32_floats * sizeof(float);
+    pthread_mutex_lock(&model->bf16->lock);
+    *bf16_bytes = model->bf16->bytes;
+    pthread_mutex_unlock(&model->bf16->lock);
 }
 
 const vad_vit_config *vad_vit_model_config(const vad_vit_model *model) { return &model->cfg; }
@@ -174,6 +232,7 @@ vad_vit *vad_vit_create(const vad_vit_model *model, int nthreads) {
     vad_vit *m = (vad_vit *)calloc(1, sizeof(vad_vit));
     if (m) {
         m->model = model;
+        m->precision = model->precision; /* a bf16-only model's states run bf16 */
         m->pool = vad_pool_create(nthreads);
     }
     if (!m || !m->pool) {

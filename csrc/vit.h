@@ -5,10 +5,16 @@
  * Weights live in one float buffer owned by the caller (layout: vad_vit_layout; the block
  * linear weights are stored in column panels, see panel_gemm.h).
  *
- * Model apart from state: a vad_vit_model is the configuration and the weight pointers into that
- * buffer, read-only once created, so any number of states and threads share it (nothing is
- * copied). A vad_vit is one caller's state over a model: its thread pool, the positions resized
- * to the current grid and the workspaces; a state is used by one thread at a time. */
+ * Model apart from state: a vad_vit_model is the configuration and the weights, read-only once
+ * created, so any number of states and threads share it (nothing is copied per state). A vad_vit
+ * is one caller's state over a model: its thread pool, the positions resized to the current grid,
+ * the workspaces and, in bf16, the rounded-input buffer; a state is used by one thread at a time.
+ *
+ * Weight memory: an fp32 model points into the caller's buffer; a bf16-only model holds the blocks'
+ * linear weights and the patch embedding only as bf16 packs (half their fp32 size) and its own copy
+ * of the small tensors (norms, biases, positions, tokens, LayerScale). The bf16 packs of a model
+ * (forward, patch embedding and, from the first bf16 backward, the input-gradient transposes made
+ * from the forward packs) exist once per model, whatever the number of bf16 states. */
 #ifndef VAD_VIT_H
 #define VAD_VIT_H
 
@@ -22,9 +28,6 @@ enum vad_pos_resize {
     VAD_POS_BICUBIC_AA = 2,     /* DINOv2 with registers: bicubic to size g, antialias */
     VAD_POS_BICUBIC_SIZE = 3,   /* transformers DINOv2, ONNX cubic Resize: bicubic to size g, no antialias */
 };
-
-/* The most layers one call may ask for (features, the head's used layers). */
-#define VAD_MAX_LAYERS 64
 
 typedef struct {
     int width, depth, heads, patch;
@@ -66,21 +69,28 @@ int vad_vit_layout(const vad_vit_config *cfg, vad_tensor_entry *entries, int max
 typedef struct vad_vit_model vad_vit_model;
 typedef struct vad_vit vad_vit;
 
-/* The read-only model over params (the caller keeps the buffer alive and unchanged while the
- * model and its states exist). NULL with a message on a bad config or no memory. */
-vad_vit_model *vad_vit_model_create(const vad_vit_config *cfg, const float *params);
+/* The read-only model of the weights in params (layout: vad_vit_layout). precision VAD_FP32: over
+ * params (the caller keeps the buffer alive and unchanged while the model and its states exist);
+ * fp32 and bf16 states (the bf16 packs are made at the first bf16 state). VAD_BF16: a bf16-only
+ * model, packed now; params is not used after the call; bf16 states only. NULL with a message on a
+ * bad config or no memory. */
+vad_vit_model *vad_vit_model_create(const vad_vit_config *cfg, const float *params, int precision);
 void vad_vit_model_free(vad_vit_model *model);
 const vad_vit_config *vad_vit_model_config(const vad_vit_model *model);
+/* Bytes of weights the model uses: fp32 (the caller's buffer, or a bf16-only model's own small
+ * tensors) and bf16 (its packs made so far). Safe while states run. */
+void vad_vit_model_weight_bytes(const vad_vit_model *model, size_t *fp32_bytes, size_t *bf16_bytes);
 
 /* A state over a model (which must outlive it) with its own pool of nthreads threads; workspaces
- * are allocated on first use per batch shape and reused. */
+ * are allocated on first use per batch shape and reused. It starts in the model's precision (fp32,
+ * or bf16 for a bf16-only model: call vad_vit_set_precision(m, VAD_BF16), which checks the CPU). */
 vad_vit *vad_vit_create(const vad_vit_model *model, int nthreads);
 void vad_vit_free(vad_vit *m);
-/* enum vad_precision (cpu_features.h). fp32 (the default): the weights as given. bf16: the blocks'
- * linear weights and the patch embedding are packed to bf16 now (their input-gradient transposes on
- * the first backward), products take bf16-rounded inputs with fp32 accumulation, attention runs the
- * bf16 fused kernel; LayerNorm, softmax, activations and the residual stream stay fp32.
- * VAD_ERR_VALUE naming the missing CPU feature when bf16 cannot run here. */
+/* enum vad_precision (cpu_features.h). fp32 (the default): the weights as given. bf16: the products
+ * take bf16-rounded inputs and the model's bf16 packs (made now if this is the model's first bf16
+ * state, under the model's lock) with fp32 accumulation, attention runs the bf16 fused kernel;
+ * LayerNorm, softmax, activations and the residual stream stay fp32. VAD_ERR_VALUE naming the missing
+ * CPU feature when bf16 cannot run here, or asking fp32 of a bf16-only model. */
 int vad_vit_set_precision(vad_vit *m, int precision);
 const vad_vit_config *vad_vit_get_config(const vad_vit *m);
 vad_pool *vad_vit_pool(vad_vit *m);

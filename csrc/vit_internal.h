@@ -3,26 +3,41 @@
 #ifndef VAD_VIT_INTERNAL_H
 #define VAD_VIT_INTERNAL_H
 
+#include <pthread.h>
+
 #include "bf16.h"
 #include "vit.h"
 
 /* the four linear layers of a block */
 enum vad_block_linear { VAD_LIN_QKV = 0, VAD_LIN_PROJ = 1, VAD_LIN_FC1 = 2, VAD_LIN_FC2 = 3, VAD_LIN_COUNT = 4 };
 
+/* The bf16 packs of a model's weights (bf16_gemm.h panels), made once and then shared read-only by
+ * every bf16 state of the model: the blocks' linear weights for the forward (fwd_slots[l][which]
+ * points into fwd), the patch embedding, and from the first bf16 backward of any state the
+ * transposes for the input gradients (bwd_slots into bwd), made from the forward packs. */
+typedef struct {
+    pthread_mutex_t lock; /* guards making them (two states may ask at once) */
+    vad_bf16 *fwd, *bwd, *patch;
+    vad_bf16 *(*fwd_slots)[VAD_LIN_COUNT], *(*bwd_slots)[VAD_LIN_COUNT];
+    size_t bytes; /* of fwd, bwd and patch */
+} vad_vit_bf16_packs;
+
 struct vad_vit_model {
     vad_vit_config cfg;
-    const float *params;
-    vad_vit_weights w; /* pointers into params; w.blocks is owned by the model */
+    int precision;     /* VAD_FP32: over the caller's fp32 buffer (fp32 and bf16 states); VAD_BF16: bf16 only */
+    const float *params; /* the caller's buffer (NULL for a bf16-only model) */
+    float *small;      /* bf16-only: the model's own copy of the tensors the packs do not hold */
+    size_t fp32_floats; /* floats of params, or of small */
+    vad_vit_weights w; /* pointers into params or small (bf16-only: NULL for the linear and patch weights);
+                        * w.blocks is owned by the model */
+    vad_vit_bf16_packs *bf16; /* owned by the model; its packs are filled on demand under its lock */
 };
 
 struct vad_vit {
     const vad_vit_model *model; /* shared, read-only */
     int precision; /* enum vad_precision (vit_precision.c) */
-    /* bf16: the blocks' linear weights packed for the forward and (from the first backward) the
-     * input gradients, the patch embedding, and the rounded-input buffer of the products (this
-     * state's own copies) */
-    vad_bf16 *bf16_fwd, *bf16_bwd, *bf16_patch, *bf16_in;
-    vad_bf16 *(*bf16_fwd_slots)[VAD_LIN_COUNT], *(*bf16_bwd_slots)[VAD_LIN_COUNT];
+    int bf16_bwd_ready; /* the model's backward packs exist (this state asked for them under the lock) */
+    vad_bf16 *bf16_in; /* bf16: the rounded-input buffer of the products (this state's own) */
     size_t bf16_in_elems;
     vad_pool *pool;
     /* patch positions resized to the current grid */
@@ -59,5 +74,10 @@ int vad_vit_block_linear_input_grad(vad_vit *m, const vad_block_weights *bw, int
 /* The patch embedding: out [M, D] = cols [M, 3 P P] W^T + b. */
 void vad_vit_patch_linear(vad_vit *m, float *out, const float *cols, int M);
 void vad_vit_free_precision(vad_vit *m);
+/* The model's bf16 packs: vad_vit_bf16_packs_new (empty, NULL when out of memory), _forward (makes
+ * the forward and patch packs from the fp32 weights, once, under the lock), _free. */
+vad_vit_bf16_packs *vad_vit_bf16_packs_new(void);
+int vad_vit_bf16_packs_forward(const vad_vit_model *model);
+void vad_vit_bf16_packs_free(vad_vit_bf16_packs *packs);
 
 #endif

@@ -1,7 +1,7 @@
-/* The backbone's precision: which kernels its products run on, and the bf16 copies of its
- * weights. fp32 runs the panel kernel on the fp32 buffer as before; bf16 packs the blocks' linear
- * weights and the patch embedding once into bf16 panels (bf16_gemm.h) and, on the first backward,
- * their transposes for the input gradients. */
+/* The backbone's precision: which kernels its products run on, and the model's bf16 packs of its
+ * weights. fp32 runs the panel kernel on the fp32 buffer as before; bf16 runs on the blocks' linear
+ * weights and the patch embedding packed into bf16 panels (bf16_gemm.h) once per model and, from the
+ * first bf16 backward, their transposes for the input gradients, made from the forward packs. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,9 +32,22 @@ static const float *linear_bias(const vad_block_weights *bw, int which) {
     return p[which];
 }
 
-/* Packs every block's linear weights (transposed: the input-gradient products) into one buffer. */
-static vad_bf16 *pack_blocks(vad_vit *m, int transposed, vad_bf16 *(*slots)[VAD_LIN_COUNT]) {
-    const vad_vit_config *c = &m->model->cfg;
+/* W [N, K] as floats from its bf16 pack (the panel order of bf16_gemm.h); exact, so packing it
+ * again (e.g. transposed) gives the bits packing the fp32 weight would. */
+static void unpack_bf16(float *w, const vad_bf16 *packed, int N, int K) {
+    size_t K2 = ((size_t)K + 1) / 2;
+    for (int n = 0; n < N; n++) {
+        const vad_bf16 *panel = packed + (size_t)(n / VAD_PANEL) * K2 * VAD_PANEL * 2 + 2 * (n % VAD_PANEL);
+        for (int k = 0; k < K; k++) w[(size_t)n * K + k] = vad_from_bf16(panel[(size_t)(k / 2) * VAD_PANEL * 2 + k % 2]);
+    }
+}
+
+/* Packs every block's linear weights into one buffer (*elems bf16 elements), slots[l][which]
+ * pointing into it: for the forward from the fp32 panels, or (transposed: the input-gradient
+ * products) from the forward packs. */
+static vad_bf16 *pack_blocks(const vad_vit_model *model, int transposed, vad_bf16 *(*slots)[VAD_LIN_COUNT],
+                             size_t *elems) {
+    const vad_vit_config *c = &model->cfg;
     size_t total = 0, largest = 0;
     for (int which = 0; which < VAD_LIN_COUNT; which++) {
         int N, K;
@@ -42,7 +55,8 @@ static vad_bf16 *pack_blocks(vad_vit *m, int transposed, vad_bf16 *(*slots)[VAD_
         total += (transposed ? vad_bf16_panel_elems(K, N) : vad_bf16_panel_elems(N, K)) + 32;
         if ((size_t)N * K > largest) largest = (size_t)N * K;
     }
-    vad_bf16 *buf = (vad_bf16 *)malloc(total * (size_t)c->depth * sizeof(vad_bf16));
+    *elems = total * (size_t)c->depth;
+    vad_bf16 *buf = (vad_bf16 *)malloc(*elems * sizeof(vad_bf16));
     float *w = (float *)malloc(largest * sizeof(float));
     if (!buf || !w) {
         free(buf);
@@ -54,13 +68,14 @@ static vad_bf16 *pack_blocks(vad_vit *m, int transposed, vad_bf16 *(*slots)[VAD_
         for (int which = 0; which < VAD_LIN_COUNT; which++) {
             int N, K;
             linear_shape(c, which, &N, &K);
-            vad_panel_unpack(w, linear_panels(&m->model->w.blocks[l], which), N, K);
             p += (32 - ((uintptr_t)p / sizeof(vad_bf16)) % 32) % 32; /* 64-byte boundary */
             slots[l][which] = p;
             if (transposed) {
+                unpack_bf16(w, model->bf16->fwd_slots[l][which], N, K);
                 vad_bf16_pack(p, w, K, N, 1, (size_t)K);
                 p += vad_bf16_panel_elems(K, N);
             } else {
+                vad_panel_unpack(w, linear_panels(&model->w.blocks[l], which), N, K);
                 vad_bf16_pack(p, w, N, K, (size_t)K, 1);
                 p += vad_bf16_panel_elems(N, K);
             }
@@ -69,39 +84,91 @@ static vad_bf16 *pack_blocks(vad_vit *m, int transposed, vad_bf16 *(*slots)[VAD_
     return buf;
 }
 
+vad_vit_bf16_packs *vad_vit_bf16_packs_new(void) {
+    vad_vit_bf16_packs *packs = (vad_vit_bf16_packs *)calloc(1, sizeof *packs);
+    if (packs && pthread_mutex_init(&packs->lock, NULL)) {
+        free(packs);
+        return NULL;
+    }
+    return packs;
+}
+
+void vad_vit_bf16_packs_free(vad_vit_bf16_packs *packs) {
+    if (!packs) return;
+    free(packs->fwd);
+    free(packs->bwd);
+    free(packs->patch);
+    free(packs->fwd_slots);
+    free(packs->bwd_slots);
+    pthread_mutex_destroy(&packs->lock);
+    free(packs);
+}
+
+/* The forward and patch packs, with the lock held. */
+static int make_forward_packs(const vad_vit_model *model) {
+    vad_vit_bf16_packs *b = model->bf16;
+    const vad_vit_config *c = &model->cfg;
+    int D = c->width, Kp = 3 * c->patch * c->patch;
+    size_t fwd_elems = 0, patch_elems = vad_bf16_panel_elems(D, Kp);
+    b->fwd_slots = calloc((size_t)c->depth, sizeof *b->fwd_slots);
+    b->patch = (vad_bf16 *)malloc(patch_elems * sizeof(vad_bf16));
+    if (b->fwd_slots && b->patch) b->fwd = pack_blocks(model, 0, b->fwd_slots, &fwd_elems);
+    if (!b->fwd) {
+        free(b->fwd_slots);
+        free(b->patch);
+        b->fwd_slots = NULL;
+        b->patch = NULL;
+        return vad_fail(VAD_ERR_MEMORY, "out of memory packing the backbone's weights to bf16");
+    }
+    vad_bf16_pack(b->patch, model->w.patch_w, D, Kp, (size_t)Kp, 1);
+    b->bytes += (fwd_elems + patch_elems) * sizeof(vad_bf16);
+    return VAD_OK;
+}
+
+int vad_vit_bf16_packs_forward(const vad_vit_model *model) {
+    pthread_mutex_lock(&model->bf16->lock);
+    int rc = model->bf16->fwd ? VAD_OK : make_forward_packs(model);
+    pthread_mutex_unlock(&model->bf16->lock);
+    return rc;
+}
+
+/* The input-gradient transposes (from the forward packs), made once per model. */
+static int bf16_packs_backward(const vad_vit_model *model) {
+    vad_vit_bf16_packs *b = model->bf16;
+    int rc = VAD_OK;
+    pthread_mutex_lock(&b->lock);
+    if (!b->bwd) {
+        size_t elems = 0;
+        if (!b->bwd_slots) b->bwd_slots = calloc((size_t)model->cfg.depth, sizeof *b->bwd_slots);
+        if (b->bwd_slots) b->bwd = pack_blocks(model, 1, b->bwd_slots, &elems);
+        if (b->bwd)
+            b->bytes += elems * sizeof(vad_bf16);
+        else
+            rc = vad_fail(VAD_ERR_MEMORY, "out of memory packing the backbone's weights for the bf16 backward");
+    }
+    pthread_mutex_unlock(&b->lock);
+    return rc;
+}
+
 int vad_vit_set_precision(vad_vit *m, int precision) {
     int rc = vad_precision_check(precision);
     if (rc) return rc;
+    if (precision == VAD_FP32 && m->model->precision == VAD_BF16)
+        return vad_fail(VAD_ERR_VALUE, "this backbone model holds its linear weights in bf16 only: fp32 needs a "
+                        "model over the fp32 weights");
     if (precision == m->precision) return VAD_OK;
     vad_vit_free_precision(m);
+    if (precision == VAD_BF16 && (rc = vad_vit_bf16_packs_forward(m->model))) return rc;
     m->precision = precision;
-    if (precision == VAD_FP32) return VAD_OK;
-    const vad_vit_config *c = &m->model->cfg;
-    int D = c->width, Kp = 3 * c->patch * c->patch;
-    m->bf16_fwd_slots = calloc((size_t)c->depth, sizeof *m->bf16_fwd_slots);
-    m->bf16_bwd_slots = calloc((size_t)c->depth, sizeof *m->bf16_bwd_slots);
-    m->bf16_patch = (vad_bf16 *)malloc(vad_bf16_panel_elems(D, Kp) * sizeof(vad_bf16));
-    if (m->bf16_fwd_slots && m->bf16_bwd_slots && m->bf16_patch)
-        m->bf16_fwd = pack_blocks(m, 0, m->bf16_fwd_slots);
-    if (!m->bf16_fwd) {
-        vad_vit_free_precision(m);
-        return vad_fail(VAD_ERR_MEMORY, "out of memory packing the backbone's weights to bf16");
-    }
-    vad_bf16_pack(m->bf16_patch, m->model->w.patch_w, D, Kp, (size_t)Kp, 1);
     return VAD_OK;
 }
 
 void vad_vit_free_precision(vad_vit *m) {
-    free(m->bf16_fwd);
-    free(m->bf16_bwd);
-    free(m->bf16_fwd_slots);
-    free(m->bf16_bwd_slots);
-    free(m->bf16_patch);
     free(m->bf16_in);
-    m->bf16_fwd = m->bf16_bwd = m->bf16_patch = m->bf16_in = NULL;
-    m->bf16_fwd_slots = m->bf16_bwd_slots = NULL;
+    m->bf16_in = NULL;
     m->bf16_in_elems = 0;
-    m->precision = VAD_FP32;
+    m->bf16_bwd_ready = 0;
+    m->precision = m->model->precision;
 }
 
 int vad_vit_ensure_bf16_inputs(vad_vit *m, int rows) {
@@ -129,8 +196,8 @@ void vad_vit_block_linear(vad_vit *m, const vad_block_weights *bw, int which, fl
         vad_panel_linear(m->pool, C, ldc, A, lda, linear_panels(bw, which), linear_bias(bw, which), M, N, K, beta, act);
         return;
     }
-    vad_bf16_linear(m->pool, C, ldc, A, lda, m->bf16_fwd_slots[bw - m->model->w.blocks][which], linear_bias(bw, which), M, N,
-                    K, beta, act, m->bf16_in);
+    vad_bf16_linear(m->pool, C, ldc, A, lda, m->model->bf16->fwd_slots[bw - m->model->w.blocks][which],
+                    linear_bias(bw, which), M, N, K, beta, act, m->bf16_in);
 }
 
 int vad_vit_block_linear_input_grad(vad_vit *m, const vad_block_weights *bw, int which, float *din,
@@ -142,11 +209,14 @@ int vad_vit_block_linear_input_grad(vad_vit *m, const vad_block_weights *bw, int
         vad_linear_backward_input(m->pool, din, K, dout, N, m->wtmp, M, N, K, 0.0f);
         return VAD_OK;
     }
-    if (!m->bf16_bwd && !(m->bf16_bwd = pack_blocks(m, 1, m->bf16_bwd_slots)))
-        return vad_fail(VAD_ERR_MEMORY, "out of memory packing the backbone's weights for the bf16 backward");
+    if (!m->bf16_bwd_ready) {
+        int rc = bf16_packs_backward(m->model);
+        if (rc) return rc;
+        m->bf16_bwd_ready = 1;
+    }
     /* din = dout W: a linear layer of depth N on the transpose W^T [K, N] */
-    vad_bf16_linear(m->pool, din, K, dout, N, m->bf16_bwd_slots[bw - m->model->w.blocks][which], NULL, M, K, N, 0.0f, -1,
-                    m->bf16_in);
+    vad_bf16_linear(m->pool, din, K, dout, N, m->model->bf16->bwd_slots[bw - m->model->w.blocks][which], NULL, M, K, N,
+                    0.0f, -1, m->bf16_in);
     return VAD_OK;
 }
 
@@ -156,5 +226,5 @@ void vad_vit_patch_linear(vad_vit *m, float *out, const float *cols, int M) {
         vad_linear(m->pool, out, D, cols, Kp, m->model->w.patch_w, m->model->w.patch_b, M, D, Kp, 0.0f);
         return;
     }
-    vad_bf16_linear(m->pool, out, D, cols, Kp, m->bf16_patch, m->model->w.patch_b, M, D, Kp, 0.0f, -1, m->bf16_in);
+    vad_bf16_linear(m->pool, out, D, cols, Kp, m->model->bf16->patch, m->model->w.patch_b, M, D, Kp, 0.0f, -1, m->bf16_in);
 }

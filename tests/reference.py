@@ -341,6 +341,16 @@ def clip_patch_positions(pos: torch.Tensor, g: int) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).reshape(g * g, D)
 
 
+def _tower_sizes(state, images, layers, heads, conv_key: str, block_prefix: str):
+    """(images as a tensor, patch conv weight, width D, patch P, depth, heads H, checked layers) of a
+    tower whose patch convolution is ``conv_key`` and whose blocks are named ``block_prefix{i}.``."""
+    w = _t(state[conv_key])
+    D, P = w.shape[0], w.shape[-1]
+    depth = _count_blocks(state, block_prefix)
+    H = int(heads) if heads else max(1, D // 64)
+    return _t(images), w, D, P, depth, H, _check_layers(layers, depth)
+
+
 def clip_tower(state, images, layers, inserted=None, heads=None, eps=1e-5) -> dict:
     """OpenAI CLIP vision tower, optionally with `inserted` [k,D] tokens placed before
     the class token, each with the class position (docs/method.md §2-§3).
@@ -348,12 +358,8 @@ def clip_tower(state, images, layers, inserted=None, heads=None, eps=1e-5) -> di
     Returns {"hidden": {l: [B,T,D]} for each l in `layers` (0 = after ln_pre, l = residual
     stream after block l, 1-based), "final": [B,T,D] stream after the last block,
     "num_prefix": number of tokens before the patches}.  `visual.proj` is never used."""
-    images = _t(images)
-    w = _t(state["visual.conv1.weight"])
-    D, P = w.shape[0], w.shape[-1]
-    depth = _count_blocks(state, "visual.transformer.resblocks.")
-    H = int(heads) if heads else max(1, D // 64)
-    layers = _check_layers(layers, depth)
+    images, w, D, P, depth, H, layers = _tower_sizes(state, images, layers, heads, "visual.conv1.weight",
+                                                     "visual.transformer.resblocks.")
     B = images.shape[0]
 
     x = F.conv2d(images, w, bias=None, stride=P)           # [B,D,g,g]
@@ -437,12 +443,8 @@ def dinov2_tower(state, images, layers, inserted=None, eps=1e-6, heads=None, pos
 
     Returns {"hidden": {l: [B,T,D]} (0 = embeddings), "final": [B,T,D] (before `norm`),
     "num_prefix": tokens before the patches (= k + 1 + R)}."""
-    images = _t(images)
-    w = _t(state["patch_embed.proj.weight"])
-    D, P = w.shape[0], w.shape[-1]
-    depth = _count_blocks(state, "blocks.")
-    H = int(heads) if heads else max(1, D // 64)
-    layers = _check_layers(layers, depth)
+    images, w, D, P, depth, H, layers = _tower_sizes(state, images, layers, heads, "patch_embed.proj.weight",
+                                                     "blocks.")
     B = images.shape[0]
     R = state["register_tokens"].shape[1] if "register_tokens" in state else 0
 
@@ -860,6 +862,13 @@ def train_step(family, state, head_t, opt, images, labels, masks, layers, topk_r
 # mapping to HF transformers naming (used by the self-checks)
 # =====================================================================================
 
+def _split_qkv(o: dict, names, W, b) -> None:
+    """The q, k and v rows of a packed projection (W [3D, D], b [3D]) as o[name + ".weight" / ".bias"]."""
+    D = W.shape[1]
+    for j, name in enumerate(names):
+        o[name + ".weight"], o[name + ".bias"] = W[j * D:(j + 1) * D], b[j * D:(j + 1) * D]
+
+
 def clip_to_hf(state: dict) -> dict:
     """OpenAI 'visual.*' -> transformers CLIPVisionModel state dict."""
     o = {}
@@ -871,12 +880,8 @@ def clip_to_hf(state: dict) -> dict:
     depth = _count_blocks(state, "visual.transformer.resblocks.")
     for i in range(depth):
         p, q = f"visual.transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
-        W = state[p + "attn.in_proj_weight"]
-        b = state[p + "attn.in_proj_bias"]
-        D = W.shape[1]
-        for j, n in enumerate(("q", "k", "v")):
-            o[q + f"self_attn.{n}_proj.weight"] = W[j * D:(j + 1) * D]
-            o[q + f"self_attn.{n}_proj.bias"] = b[j * D:(j + 1) * D]
+        _split_qkv(o, [q + f"self_attn.{n}_proj" for n in "qkv"], state[p + "attn.in_proj_weight"],
+                   state[p + "attn.in_proj_bias"])
         o[q + "self_attn.out_proj.weight"] = state[p + "attn.out_proj.weight"]
         o[q + "self_attn.out_proj.bias"] = state[p + "attn.out_proj.bias"]
         o[q + "layer_norm1.weight"] = state[p + "ln_1.weight"]
@@ -910,12 +915,9 @@ def dinov2_to_hf(state: dict, new_names: bool = True) -> dict:
     depth = _count_blocks(state, "blocks.")
     for i in range(depth):
         p, q = f"blocks.{i}.", f"encoder.layer.{i}."
-        W, b = state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"]
-        D = W.shape[1]
-        for j, (nn_new, nn_old) in enumerate((("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))):
-            name = f"attention.{nn_new}" if new_names else f"attention.attention.{nn_old}"
-            o[q + name + ".weight"] = W[j * D:(j + 1) * D]
-            o[q + name + ".bias"] = b[j * D:(j + 1) * D]
+        names = [q + (f"attention.{new}" if new_names else f"attention.attention.{old}")
+                 for new, old in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))]
+        _split_qkv(o, names, state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"])
         oname = "attention.o_proj" if new_names else "attention.output.dense"
         o[q + oname + ".weight"] = state[p + "attn.proj.weight"]
         o[q + oname + ".bias"] = state[p + "attn.proj.bias"]

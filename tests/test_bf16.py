@@ -180,3 +180,215 @@ def test_cli_commands_take_precision():
         assert parser.parse_args(cmd + (["--backbone", "b"] if cmd[0] != "convert" else [])).precision == "fp32"
         assert parser.parse_args(cmd + (["--backbone", "b"] if cmd[0] != "convert" else []) +
                                  ["--precision", "bf16"]).precision == "bf16"
+
+
+# ---------------------------------------------------------------- weight memory: one bf16 pack per model
+
+def small_and_linear_floats(config):
+    """(floats of the tensors a bf16-only model keeps in fp32, of its linear weights and patch
+    embedding, of its bf16 forward pack lower bound (panels of 64 output columns, pairs of inputs))."""
+    layout, _ = _engine.vit_layout(config)
+    small = linear = packed = 0
+    for name, shape, _, panel in layout:
+        size = int(np.prod(shape))
+        if panel or name == "patch.weight":
+            n, k = shape[0], size // shape[0]
+            linear += size
+            packed += -(-n // 64) * 64 * 2 * -(-k // 2)
+        else:
+            small += size
+    return small, linear, packed, len(layout)
+
+
+def same_bits(a, b) -> bool:
+    """Equal arrays, or equal nested lists / tuples of arrays, bit for bit."""
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same_bits(u, v) for u, v in zip(a, b))
+    return np.array_equal(a, b)
+
+
+def backward_once(state, x, layers, width):
+    """encode_train + encode_backward on one state: the gradient of the tokens (through the bf16 backward)."""
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((2, width)).astype(np.float32)
+    ln = (np.ones(width, np.float32), np.zeros(width, np.float32))
+    feats, ta, tn = state.encode_train(x, layers, tokens, *ln)
+    grads = state.encode_backward([np.ones_like(f) for f in feats], np.ones_like(ta), np.ones_like(tn))
+    return [feats, ta, tn, *grads]
+
+
+def test_bf16_states_share_the_models_one_pack():
+    state, _, size, layers = MODELS["clip-128"]()
+    from visualad.backbone import build_backbone
+    bb = build_backbone(to_numpy(state))
+    x = random_images(2, size, seed=9).numpy()
+    small, linear, packed, n = small_and_linear_floats(bb.config)
+    model = _engine.BackboneModel(bb.config, bb.params)
+    assert model.weight_bytes() == {"fp32": bb.params.nbytes, "bf16": 0}
+    states = [model.state(2, "bf16")]
+    fwd = model.weight_bytes()["bf16"]
+    assert 2 * packed <= fwd <= 2 * (packed + 32 * n)  # bf16: about half the fp32 linear weights
+    states += [model.state(1, "bf16"), model.state(3, precision="bf16")]
+    assert model.weight_bytes()["bf16"] == fwd  # more states, no more packs
+    own = _engine.Backbone(bb.config, bb.params, 2, "bf16")  # a private model: its own pack
+    want_fwd, want_bwd = own.forward(x, layers), backward_once(own, x, layers, bb.width)
+    for s in states:
+        assert same_bits(s.forward(x, layers), want_fwd)
+    assert same_bits(backward_once(states[0], x, layers, bb.width), want_bwd)
+    bwd = model.weight_bytes()["bf16"]
+    assert 2 * fwd - 2 * 64 * 2 * 3 * 16 * 16 <= bwd  # the transposes came, once
+    for s in states[1:]:
+        assert same_bits(backward_once(s, x, layers, bb.width), want_bwd)
+    assert model.weight_bytes()["bf16"] == bwd
+
+
+def test_bf16_only_model_keeps_no_fp32_linear_weights_and_gives_the_same_bits():
+    state, _, size, layers = MODELS["dinov2-reg"]()
+    from visualad.backbone import build_backbone
+    bb = build_backbone(to_numpy(state))
+    x = random_images(2, size, seed=3).numpy()
+    small, linear, packed, n = small_and_linear_floats(bb.config)
+    want = _engine.Backbone(bb.config, bb.params, 2, "bf16")
+    params = bb.params.copy()
+    model = _engine.BackboneModel(bb.config, params, "bf16")
+    params[:] = np.nan  # not read after the model was made
+    del params
+    held = model.weight_bytes()
+    assert 4 * small <= held["fp32"] <= 4 * (small + 16 * n) < bb.params.nbytes
+    assert 2 * packed <= held["bf16"] <= 2 * (packed + 32 * n)
+    s = model.state(2, "bf16")
+    assert same_bits(s.forward(x, layers, final_norm=True), want.forward(x, layers, final_norm=True))
+    assert same_bits(backward_once(s, x, layers, bb.width), backward_once(want, x, layers, bb.width))
+    with pytest.raises(ValueError, match="bf16 only"):
+        model.state(1)  # fp32 needs the fp32 weights
+    with pytest.raises(ValueError, match="precision"):
+        _engine.BackboneModel(bb.config, bb.params, "fp16")
+
+
+def test_two_threads_creating_bf16_states_at_once_get_one_pack_and_the_same_bits():
+    import threading
+    from visualad.backbone import build_backbone
+    # wide enough that packing takes longer than the threads' start-up jitter (without the model's
+    # lock both threads pack in nearly every round)
+    bb = build_backbone(to_numpy(R.random_clip_state(256, 2, 14, 4, seed=2)))
+    size, layers = 56, [1, 2]
+    x = random_images(2, size, seed=4).numpy()
+    want = _engine.Backbone(bb.config, bb.params, 1, "bf16")
+    want_fwd, want_bwd = want.forward(x, layers), backward_once(want, x, layers, bb.width)
+    for attempt in range(8):  # each round races the forward packs (state()) and the transposes (backward)
+        model = _engine.BackboneModel(bb.config, bb.params)
+        barrier, outs = threading.Barrier(2), [None, None]
+
+        def run(i):
+            barrier.wait()
+            s = model.state(1 + i, "bf16")
+            outs[i] = (s.forward(x, layers), backward_once(s, x, layers, bb.width))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        one = _engine.BackboneModel(bb.config, bb.params)
+        backward_once(one.state(1, "bf16"), x, layers, bb.width)
+        assert model.weight_bytes() == one.weight_bytes()  # one forward pack and one transpose, not two
+        for fwd, bwd in outs:
+            assert same_bits(fwd, want_fwd) and same_bits(bwd, want_bwd)
+
+
+def test_bf16_detector_holds_only_the_bf16_weights(tmp_path):
+    from sklearn.base import clone
+    from visualad import model_cache
+    model_cache.clear()  # a fresh load: no earlier test's training made its transposes
+    (d32, d16), size, layers = detectors("clip-128")
+    x = random_images(2, size, seed=5).numpy()
+    d16.anomaly_scores(x)
+    assert d16._backbone_.params is None and d16._loaded_.precision == "bf16"
+    small, linear, packed, n = small_and_linear_floats(d16._backbone_.config)
+    held = d16._loaded_.weight_bytes()
+    assert 4 * small <= held["fp32"] <= 4 * (small + 16 * n)  # no fp32 linear weights
+    assert 2 * packed <= held["bf16"] <= 2 * (packed + 32 * n)
+    key = d16._loaded_.key
+    assert (key, "fp32") not in model_cache._entries  # nothing fp32 was loaded for it
+    clones = [clone(d16) for _ in range(3)]
+    for c in clones:
+        np.testing.assert_array_equal(c.anomaly_scores(x), d16.anomaly_scores(x))
+    assert all(c._loaded_ is d16._loaded_ for c in clones) and d16._loaded_.weight_bytes() == held
+    d32.anomaly_scores(x)
+    assert d32._loaded_.key == key and d32._loaded_.weight_bytes() == {"fp32": d32._backbone_.params.nbytes, "bf16": 0}
+
+
+def _file_tensors(path):
+    from visualad.checkpoint.safetensors import read_safetensors
+    arrays, _ = read_safetensors(str(path))
+    return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def _same_tensors(a, b):
+    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("source", ["dict", "file"])
+def test_bf16_detector_saves_pickles_and_switches_with_the_exact_weights(tmp_path, source):
+    import pickle
+    from visualad import model_cache
+    state, head, size, layers = MODELS["clip-64"]()
+    spec = to_numpy(state)
+    if source == "file":
+        visualad.Detector(spec, image_size=size, layers=layers).save(tmp_path / "backbone.safetensors")
+        spec = str(tmp_path / "backbone.safetensors")
+    model_cache.clear()
+    kw = dict(head=to_numpy(head), layers=layers, image_size=size, num_threads=2, epochs=1, batch_size=2)
+    d16 = visualad.Detector(spec, precision="bf16", **kw)
+    x = random_images(4, size, seed=6).numpy()
+    d16.save(tmp_path / "d16.safetensors")
+    key = d16._loaded_.key
+    assert (key, "fp32") not in model_cache._entries  # the float32 weights were read again, not kept
+    d32 = visualad.Detector(spec, precision="fp32", **kw)
+    d32.save(tmp_path / "d32.safetensors")
+    f16, f32 = _file_tensors(tmp_path / "d16.safetensors"), _file_tensors(tmp_path / "d32.safetensors")
+    assert _same_tensors(f16, f32) and any(k.startswith("backbone.") for k in f16)
+    # a file saved by the bf16 Detector loads as that Detector again, bf16 only
+    again = visualad.Detector.load(tmp_path / "d16.safetensors")
+    assert again.precision == "bf16" and again._model().precision == "bf16"
+    assert (again._loaded_.key, "fp32") not in model_cache._entries
+    np.testing.assert_array_equal(again.anomaly_maps(x), d16.anomaly_maps(x))
+    if source == "file":  # a file that refers to its backbone: the referred weights load bf16 only too
+        d16.save(tmp_path / "ref16.safetensors", include_backbone=False)
+        ref16 = visualad.Detector.load(tmp_path / "ref16.safetensors")
+        assert ref16._backbone_.params is None and ref16._loaded_.model is d16._loaded_.model
+        np.testing.assert_array_equal(ref16.anomaly_maps(x), d16.anomaly_maps(x))
+    # pickling: a reference, the same loaded bf16 backbone and bits
+    unpickled = pickle.loads(pickle.dumps(d16))
+    np.testing.assert_array_equal(unpickled.anomaly_maps(x), d16.anomaly_maps(x))
+    assert unpickled._loaded_ is d16._loaded_
+    # features: the bf16 tower's, within bf16 tolerance of fp32's
+    f = d16.features(x[:2])
+    ref = d32.features(x[:2])
+    assert np.abs(f["final"] - ref["final"]).max() <= 6 * U * np.abs(ref["final"]).max()
+    # train in bf16, then switch to fp32: the trained head stays, the fp32 weights come back exactly
+    d16.fit(x, np.array([0, 1, 0, 1]))
+    trained = d16.head_
+    d16.set_params(precision="fp32")
+    assert d16._model().precision == "fp32" and d16.head_ is trained and d16._backbone_.params is not None
+    fp32_with_head = visualad.Detector(spec, **dict(kw, head=trained))
+    np.testing.assert_array_equal(d16.anomaly_maps(x), fp32_with_head.anomaly_maps(x))
+    d16.save(tmp_path / "switched.safetensors")
+    fp32_with_head.save(tmp_path / "fp32_trained.safetensors")
+    assert _same_tensors(_file_tensors(tmp_path / "switched.safetensors"),
+                         _file_tensors(tmp_path / "fp32_trained.safetensors"))
+    d16.set_params(precision="bf16")
+    assert d16._model().precision == "bf16" and d16.head_ is trained
+
+
+def test_bf16_detector_refuses_to_save_a_dict_edited_in_place_since_it_was_loaded(tmp_path):
+    state, head, size, layers = MODELS["clip-64"]()
+    spec = to_numpy(state)
+    det = visualad.Detector(spec, head=to_numpy(head), layers=layers, image_size=size, precision="bf16")
+    det.anomaly_scores(random_images(1, size).numpy())
+    spec["visual.ln_post.bias"] = spec["visual.ln_post.bias"] + 1  # the engine still runs the loaded weights
+    with pytest.raises(ValueError, match="changed since they were loaded"):
+        det.save(tmp_path / "d.safetensors")
+    det.set_params(backbone=dict(spec))
+    det.save(tmp_path / "d.safetensors")
+    assert np.array_equal(_file_tensors(tmp_path / "d.safetensors")["backbone.ln_post.bias"], spec["visual.ln_post.bias"])

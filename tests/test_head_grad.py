@@ -67,6 +67,16 @@ def blob_masks(B, S, defective, seed):
     return masks
 
 
+def small_case(seed, S, labels):
+    """A two-layer D=32 head with a batch of 4x4-patch features and blob masks for ``labels``:
+    (head, layers, feats, anomaly token, normal token, labels, masks, top-k count at ratio 0.05)."""
+    D, layers = 32, [1, 2]
+    labels = np.array(labels, np.float32)
+    feats, ta, tn = make_inputs(len(labels), 16, D, len(layers), seed)
+    masks = blob_masks(len(labels), S, labels, seed)
+    return make_head(D, layers, seed), layers, feats, ta, tn, labels, masks, ref.topk_count(S, 0.05)
+
+
 def engine_masks(B, N, D, m, Hs, p, seed):
     """The reference's dropout_masks callable built from the engine's own counter-based masks."""
     shapes = {"saf_hidden": (N, Hs), "saf_out": (N, D), "sca_att": (m, N), "sca_out": (D,)}
@@ -131,8 +141,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("D,layers,sca,saf,hidden,B,S,P,labels,has_mask,ratio", CASES)
-def test_loss_and_grad_match_autograd(D, layers, sca, saf, hidden, B, S, P, labels, has_mask, ratio):
+def case_setup(D, layers, sca, saf, hidden, B, S, P, labels, has_mask, ratio):
+    """The head, engine and inputs of one CASES row: (head, engine, layout, total, feats, anomaly
+    token, normal token, labels, masks (None when no image has a defect or a mask flag), has_mask,
+    top-k count)."""
     seed = D + B + S
     head = make_head(D, layers, seed, sca_layers=sca, saf_layers=saf, saf_hidden=hidden)
     eng, layout, total = make_engine(head, layers, D)
@@ -141,7 +153,14 @@ def test_loss_and_grad_match_autograd(D, layers, sca, saf, hidden, B, S, P, labe
     labels = np.array(labels, np.float32)
     masks = None if has_mask is None and not labels.any() else blob_masks(B, S, labels, seed)
     hm = None if has_mask is None else np.array(has_mask, np.uint8)
-    k = ref.topk_count(S, ratio)
+    return head, eng, layout, total, feats, ta, tn, labels, masks, hm, ref.topk_count(S, ratio)
+
+
+@pytest.mark.parametrize("D,layers,sca,saf,hidden,B,S,P,labels,has_mask,ratio", CASES)
+def test_loss_and_grad_match_autograd(D, layers, sca, saf, hidden, B, S, P, labels, has_mask, ratio):
+    head, eng, layout, total, feats, ta, tn, labels, masks, hm, k = case_setup(
+        D, layers, sca, saf, hidden, B, S, P, labels, has_mask, ratio)
+    g = S // P
     got = eng.loss_and_grad(feats, ta, tn, S, labels, masks, hm, k)
     assert got[1].shape == (total,) and got[1].dtype == np.float32
     assert [d.shape for d in got[2]] == [(B, g * g, D)] * len(layers)
@@ -156,13 +175,9 @@ def test_loss_and_grad_match_autograd(D, layers, sca, saf, hidden, B, S, P, labe
 def test_has_mask_zero_image_is_left_out_of_the_segmentation_loss():
     """A defective image without a mask must not be treated as all-normal: its map gets no
     segmentation gradient, and the seg loss equals the one of the sub-batch that counts."""
-    D, layers, B, S = 32, [1, 2], 3, 28
-    head = make_head(D, layers, 5)
-    eng, _, _ = make_engine(head, layers, D)
-    feats, ta, tn = make_inputs(B, 16, D, 2, 5)
-    labels = np.array([0, 1, 1], np.float32)
-    masks = blob_masks(B, S, labels, 5)
-    k = ref.topk_count(S, 0.05)
+    S = 28
+    head, layers, feats, ta, tn, labels, masks, k = small_case(5, S, [0, 1, 1])
+    eng, _, _ = make_engine(head, layers, 32)
     full = eng.loss_and_grad(feats, ta, tn, S, labels, masks, np.array([1, 1, 0], np.uint8), k)
     sub = eng.loss_and_grad([f[:2] for f in feats], ta[:2], tn[:2], S, labels[:2], masks[:2], None, k)
     assert abs(full[0]["seg"] - sub[0]["seg"]) < 1e-6 * sub[0]["seg"]
@@ -194,15 +209,11 @@ def test_dropout_matches_reference_with_the_same_masks(p):
 
 
 def test_dropout_reproducible_seeded_and_thread_independent():
-    D, layers, B, S = 32, [1, 2], 2, 28
-    head = make_head(D, layers, 21)
-    feats, ta, tn = make_inputs(B, 16, D, 2, 21)
-    labels = np.array([1, 0], np.float32)
-    masks = blob_masks(B, S, labels, 21)
-    k = ref.topk_count(S, 0.05)
+    S = 28
+    head, layers, feats, ta, tn, labels, masks, k = small_case(21, S, [1, 0])
     runs = {}
     for threads in (1, 3):
-        eng, _, _ = make_engine(head, layers, D, threads)
+        eng, _, _ = make_engine(head, layers, 32, threads)
         for seed in (7, 8):
             runs[threads, seed] = eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k, dropout=0.1, seed=seed)
         again = eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k, dropout=0.1, seed=7)
@@ -238,13 +249,9 @@ def test_loss_in_expectation_close_to_no_dropout():
     """Averaged over many dropout seeds the SCA/SAF maps keep their mean, so the (mostly
     smooth) total loss stays near the dropout-free one (a rough check of the 1/(1-p) scaling:
     without it the average would drift far)."""
-    D, layers, B, S = 32, [1, 2], 2, 24
-    head = make_head(D, layers, 33)
-    eng, _, _ = make_engine(head, layers, D)
-    feats, ta, tn = make_inputs(B, 16, D, 2, 33)
-    labels = np.array([1, 0], np.float32)
-    masks = blob_masks(B, S, labels, 33)
-    k = ref.topk_count(S, 0.05)
+    S = 24
+    head, layers, feats, ta, tn, labels, masks, k = small_case(33, S, [1, 0])
+    eng, _, _ = make_engine(head, layers, 32)
     plain = eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k)[0]["total"]
     vals = [eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k, dropout=0.1, seed=s)[0]["total"]
             for s in range(40)]
@@ -252,13 +259,9 @@ def test_loss_in_expectation_close_to_no_dropout():
 
 
 def test_grad_accumulates_into_a_given_buffer():
-    D, layers, B, S = 32, [1, 2], 2, 20
-    head = make_head(D, layers, 41)
-    eng, layout, total = make_engine(head, layers, D)
-    feats, ta, tn = make_inputs(B, 16, D, 2, 41)
-    labels = np.array([1, 0], np.float32)
-    masks = blob_masks(B, S, labels, 41)
-    k = ref.topk_count(S, 0.05)
+    S = 20
+    head, layers, feats, ta, tn, labels, masks, k = small_case(41, S, [1, 0])
+    eng, layout, total = make_engine(head, layers, 32)
     first = eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k)[1]
     buf = np.full(total, 0.5, np.float32)
     out = eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k, grad=buf)[1]
@@ -303,14 +306,8 @@ def test_inference_maps_are_the_trainers_forward_with_dropout_zero(case):
     """One head forward serves both: the trainer's per-layer maps at dropout 0 equal the
     inference head's unfiltered layer maps bit for bit (with dropout they differ)."""
     D, layers, sca, saf, hidden, B, S, P, labels, has_mask, ratio = CASES[case]
-    seed = D + B + S
-    head = make_head(D, layers, seed, sca_layers=sca, saf_layers=saf, saf_hidden=hidden)
-    eng, _, _ = make_engine(head, layers, D)
-    g = S // P
-    feats, ta, tn = make_inputs(B, g * g, D, len(layers), seed)
-    labels = np.array(labels, np.float32)
-    masks = blob_masks(B, S, labels, seed)
-    k = ref.topk_count(S, ratio)
+    _, eng, _, _, feats, ta, tn, labels, masks, _, k = case_setup(*CASES[case])
+    assert masks is not None  # these cases have defects or mask flags
     _, _, inference, _ = eng.maps(feats, ta, tn, S, 4.0, k, layer_maps=True)
     trained = np.full((len(layers), B, S, S), np.nan, np.float32)
     eng.loss_and_grad(feats, ta, tn, S, labels, masks, None, k, layer_maps=trained)

@@ -130,6 +130,7 @@ def test_detector_file_with_out_of_range_sizes_is_refused(tmp_path, trusted, key
     (lambda m: m.__setitem__("settings", {"layers": [1.7]}), ["layers"]),
     (lambda m: m.__setitem__("settings", {"precision": 7}), ["precision"]),
     (lambda m: m["settings"].__setitem__("layers", [99]), ["layers"]),
+    (lambda m: m["settings"].__setitem__("layers", [1] * (limits.MAX_LAYERS + 1)), ["layers"]),
     (lambda m: m.__setitem__("head_info", "x"), ["head_info"]),
     (lambda m: m.__setitem__("family", ["clip"]), ["family"]),
     (lambda m: m.__setitem__("backbone_path", 5), ["backbone_path"]),
@@ -145,6 +146,17 @@ def test_detector_file_with_nan_weights_is_refused(tmp_path, trusted):
     path = str(tmp_path / "nan.safetensors")
     save_safetensors(path, arrays, metadata)
     _raises_checkpoint_error(lambda: visualad.Detector.load(path), path, "NaN")
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy"])
+def test_torch_checkpoint_with_nan_weights_is_refused(tmp_path, trusted, kind):
+    state = _tiny_vit().state_dict()
+    name = next(k for k in state if k.endswith("class_embedding"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    path = str(tmp_path / "nan.pt")
+    torch.save(state, path, _use_new_zipfile_serialization=kind == "zip")
+    _raises_checkpoint_error(lambda: visualad.Detector(path, image_size=SIZE, layers=[1]).encode(
+        trusted[1]), path, "NaN", "class_embedding")
 
 
 def test_engine_config_checks_every_size_in_c():
@@ -171,7 +183,7 @@ def test_python_and_c_limits_agree():
     assert c == {"width": limits.MAX_WIDTH, "depth": limits.MAX_DEPTH, "heads": limits.MAX_HEADS,
                  "patch": limits.MAX_PATCH, "grid": limits.MAX_GRID, "registers": limits.MAX_REGISTERS,
                  "mlp_hidden": limits.MAX_MLP_HIDDEN, "image_side": limits.MAX_IMAGE_SIDE,
-                 "threads": limits.MAX_THREADS}
+                 "threads": limits.MAX_THREADS, "layers": limits.MAX_LAYERS}
 
 
 # ------------------------------------------------------------------------------------ 2. allow-list bypass

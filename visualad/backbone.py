@@ -30,11 +30,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class EngineBackbone:
-    """A backbone ready for the engine: family, config dict, packed weights, preprocessing."""
+    """A backbone ready for the engine: family, config dict, packed weights, preprocessing.
+
+    ``params`` is the float32 buffer of the engine's layout; None in the backbone of a bf16-only
+    load (:mod:`visualad.model_cache`), whose engine model holds the weights as bf16 packs."""
 
     family: str
     config: dict
-    params: np.ndarray
+    params: np.ndarray | None
     mean: tuple
     std: tuple
     default_ln_post: tuple = field(default=(None, None))
@@ -81,11 +84,22 @@ def _count_blocks(tensors: dict, pattern: str) -> int:
     return depth
 
 
-def _grid_from_pos(n_pos: int, key: str) -> int:
-    grid = math.isqrt(n_pos - 1)
-    if grid * grid != n_pos - 1:
-        raise ValueError(f"'{key}' has {n_pos} rows: expected 1 + grid*grid")
-    return grid
+def _patch_and_grid(t: dict, conv_key: str, pos_key: str, batched: bool) -> tuple[int, int, int]:
+    """(width D, patch side P, native grid G0) from the patch convolution (D, 3, P, P) and the
+    positions (1 + G0^2, D); batched: the positions are stored as (1, 1 + G0^2, D) (DINOv2 hub)."""
+    w = _get(t, conv_key)
+    if w.ndim != 4 or w.shape[1] != 3 or w.shape[2] != w.shape[3]:
+        raise ValueError(f"'{conv_key}' must have shape (D, 3, P, P), got {w.shape}")
+    D, P = w.shape[0], w.shape[2]
+    pos = _get(t, pos_key)
+    rows = pos.reshape(-1, pos.shape[-1]) if batched and pos.ndim == 3 and pos.shape[0] == 1 else pos
+    if rows.ndim != 2 or rows.shape[1] != D:
+        expected = f"(1, 1+G*G, {D})" if batched else f"(1+G*G, {D})"
+        raise ValueError(f"'{pos_key}' must have shape {expected}, got {pos.shape}")
+    grid = math.isqrt(rows.shape[0] - 1)
+    if grid * grid != rows.shape[0] - 1:
+        raise ValueError(f"'{pos_key}' has {rows.shape[0]} rows: expected 1 + grid*grid")
+    return D, P, grid
 
 
 def _pos_rule(hints: dict, default: int) -> int:
@@ -99,15 +113,30 @@ def _pos_rule(hints: dict, default: int) -> int:
     return POS_RULES[rule]
 
 
+#: the engine's name of each block tensor -> its name in an OpenAI CLIP block
+#: (``visual.transformer.resblocks.{i}.``)
+CLIP_BLOCK_NAMES = {"ln1.weight": "ln_1.weight", "ln1.bias": "ln_1.bias", "qkv.weight": "attn.in_proj_weight",
+                    "qkv.bias": "attn.in_proj_bias", "proj.weight": "attn.out_proj.weight",
+                    "proj.bias": "attn.out_proj.bias", "ln2.weight": "ln_2.weight", "ln2.bias": "ln_2.bias",
+                    "fc1.weight": "mlp.c_fc.weight", "fc1.bias": "mlp.c_fc.bias",
+                    "fc2.weight": "mlp.c_proj.weight", "fc2.bias": "mlp.c_proj.bias"}
+
+
+def dinov2_block_names(swiglu: bool, layerscale: bool) -> dict:
+    """The engine's name of each block tensor -> its name in a DINOv2 hub block (``blocks.{i}.``):
+    SwiGLU MLPs name their layers ``mlp.w12`` / ``mlp.w3``; LayerScale adds ``ls1`` / ``ls2``."""
+    fc1, fc2 = ("mlp.w12", "mlp.w3") if swiglu else ("mlp.fc1", "mlp.fc2")
+    names = {"ln1.weight": "norm1.weight", "ln1.bias": "norm1.bias", "qkv.weight": "attn.qkv.weight",
+             "qkv.bias": "attn.qkv.bias", "proj.weight": "attn.proj.weight", "proj.bias": "attn.proj.bias",
+             "ln2.weight": "norm2.weight", "ln2.bias": "norm2.bias", "fc1.weight": f"{fc1}.weight",
+             "fc1.bias": f"{fc1}.bias", "fc2.weight": f"{fc2}.weight", "fc2.bias": f"{fc2}.bias"}
+    if layerscale:
+        names.update({"ls1": "ls1.gamma", "ls2": "ls2.gamma"})
+    return names
+
+
 def _clip_sources(t: dict, hints: dict) -> tuple[dict, dict]:
-    w = _get(t, "visual.conv1.weight")
-    if w.ndim != 4 or w.shape[1] != 3 or w.shape[2] != w.shape[3]:
-        raise ValueError(f"'visual.conv1.weight' must have shape (D, 3, P, P), got {w.shape}")
-    D, P = w.shape[0], w.shape[2]
-    pos = _get(t, "visual.positional_embedding")
-    if pos.ndim != 2 or pos.shape[1] != D:
-        raise ValueError(f"'visual.positional_embedding' must have shape (1+G*G, {D}), got {pos.shape}")
-    grid = _grid_from_pos(pos.shape[0], "visual.positional_embedding")
+    D, P, grid = _patch_and_grid(t, "visual.conv1.weight", "visual.positional_embedding", batched=False)
     depth = _count_blocks(t, r"visual\.transformer\.resblocks\.(\d+)\.")
     hidden = _get(t, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0]
     heads = int(hints.get("heads") or max(1, D // 64))
@@ -121,27 +150,14 @@ def _clip_sources(t: dict, hints: dict) -> tuple[dict, dict]:
            "pos": "visual.positional_embedding", "ln_pre.weight": "visual.ln_pre.weight",
            "ln_pre.bias": "visual.ln_pre.bias", "ln_post.weight": "visual.ln_post.weight",
            "ln_post.bias": "visual.ln_post.bias"}
-    per_block = {"ln1.weight": "ln_1.weight", "ln1.bias": "ln_1.bias", "qkv.weight": "attn.in_proj_weight",
-                 "qkv.bias": "attn.in_proj_bias", "proj.weight": "attn.out_proj.weight",
-                 "proj.bias": "attn.out_proj.bias", "ln2.weight": "ln_2.weight", "ln2.bias": "ln_2.bias",
-                 "fc1.weight": "mlp.c_fc.weight", "fc1.bias": "mlp.c_fc.bias",
-                 "fc2.weight": "mlp.c_proj.weight", "fc2.bias": "mlp.c_proj.bias"}
     for i in range(depth):
-        for k, v in per_block.items():
+        for k, v in CLIP_BLOCK_NAMES.items():
             src[f"blocks.{i}.{k}"] = f"visual.transformer.resblocks.{i}.{v}"
     return cfg, src
 
 
 def _dinov2_sources(t: dict, hints: dict) -> tuple[dict, dict]:
-    w = _get(t, "patch_embed.proj.weight")
-    if w.ndim != 4 or w.shape[1] != 3 or w.shape[2] != w.shape[3]:
-        raise ValueError(f"'patch_embed.proj.weight' must have shape (D, 3, P, P), got {w.shape}")
-    D, P = w.shape[0], w.shape[2]
-    pos = _get(t, "pos_embed")
-    pos2 = pos.reshape(-1, pos.shape[-1]) if pos.ndim == 3 and pos.shape[0] == 1 else pos
-    if pos2.ndim != 2 or pos2.shape[1] != D:
-        raise ValueError(f"'pos_embed' must have shape (1, 1+G*G, {D}), got {pos.shape}")
-    grid = _grid_from_pos(pos2.shape[0], "pos_embed")
+    D, P, grid = _patch_and_grid(t, "patch_embed.proj.weight", "pos_embed", batched=True)
     depth = _count_blocks(t, r"blocks\.(\d+)\.")
     swiglu = "blocks.0.mlp.w12.weight" in t
     if swiglu:
@@ -165,13 +181,7 @@ def _dinov2_sources(t: dict, hints: dict) -> tuple[dict, dict]:
            "cls": "cls_token", "pos": "pos_embed", "ln_post.weight": "norm.weight", "ln_post.bias": "norm.bias"}
     if registers:
         src["registers"] = "register_tokens"
-    fc1, fc2 = ("mlp.w12", "mlp.w3") if swiglu else ("mlp.fc1", "mlp.fc2")
-    per_block = {"ln1.weight": "norm1.weight", "ln1.bias": "norm1.bias", "qkv.weight": "attn.qkv.weight",
-                 "qkv.bias": "attn.qkv.bias", "proj.weight": "attn.proj.weight", "proj.bias": "attn.proj.bias",
-                 "ln2.weight": "norm2.weight", "ln2.bias": "norm2.bias", "fc1.weight": f"{fc1}.weight",
-                 "fc1.bias": f"{fc1}.bias", "fc2.weight": f"{fc2}.weight", "fc2.bias": f"{fc2}.bias"}
-    if layerscale:
-        per_block.update({"ls1": "ls1.gamma", "ls2": "ls2.gamma"})
+    per_block = dinov2_block_names(swiglu, layerscale)
     for i in range(depth):
         for k, v in per_block.items():
             src[f"blocks.{i}.{k}"] = f"blocks.{i}.{v}"

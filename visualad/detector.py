@@ -35,6 +35,21 @@ LN_POST_CHOICES = ("head", "backbone")
 MISSING_MASK_CHOICES = ("skip", "zeros")
 
 
+def weights_kind(precision) -> str:
+    """The precision kind of the weights a Detector of this ``precision`` loads
+    (:mod:`visualad.model_cache`): "bf16" for bf16 (no float32 copy of the linear weights resident),
+    else "fp32" (an unknown precision is refused when the engine runs)."""
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def _stored_settings(path, overrides: dict) -> dict:
+    """The settings stored in a visualad file, loading it (once per process) in the precision kind
+    the Detector made from it will run: ``overrides``' precision, else the file's."""
+    from .checkpoint.detector_file import stored_precision
+    precision = overrides["precision"] if "precision" in overrides else stored_precision(path)
+    return model_cache.load(path, precision=weights_kind(precision)).settings
+
+
 def default_image_size(bb: EngineBackbone) -> int:
     """The paper's S = 518 where the backbone's patch divides it, else the backbone's native size."""
     patch = bb.config["patch"]
@@ -84,6 +99,10 @@ class Detector:
         backbone's products with bf16 inputs and fp32 accumulation on the CPU's bf16 instructions
         (AVX512-BF16; refused with an error naming the feature where the CPU lacks it); the head,
         LayerNorm, softmax and the residual stream stay fp32. See :func:`visualad.engine_info`.
+        Memory: a bf16 Detector loads the backbone bf16-only (the linear weights and the patch
+        embedding only as bf16 packs, shared by every clone and thread; the small tensors fp32),
+        about half the fp32 weight memory; :meth:`save` reads the fp32 weights from the source
+        again, and switching ``precision`` loads the other kind and keeps a trained ``head_``.
     random_state : int
         Seed for fresh heads and training.
     batch_size : int
@@ -141,7 +160,7 @@ class Detector:
         from .demo import DEFAULT_MODEL
         if not os.path.exists(DEFAULT_MODEL):
             raise FileNotFoundError(f"the embedded default model is missing: {DEFAULT_MODEL}")
-        settings = {k: v for k, v in model_cache.load(DEFAULT_MODEL).settings.items()
+        settings = {k: v for k, v in _stored_settings(DEFAULT_MODEL, params).items()
                     if k in cls._get_param_names() and k not in ("num_threads", "progress")}
         settings.update(params)
         return cls(DEFAULT_MODEL, **settings)
@@ -259,38 +278,47 @@ class Detector:
                 lock = self.__dict__.setdefault("_lock_", threading.RLock())
         return lock
 
+    def _weights_kind(self) -> str:
+        return weights_kind(self.precision)
+
+    def _weights_source(self):
+        """(spec, digest) to load the weights from: the ``backbone`` parameter (for an unpickled
+        Detector, the absolute path it was pickled with while that file exists) and the content
+        digest it must have (None when unknown)."""
+        spec, ref = self.backbone, self.__dict__.get("_weights_ref")
+        if ref is None or ref["spec"] is not spec:  # not unpickled, or the parameter changed since
+            return spec, None
+        if isinstance(spec, (str, os.PathLike)) and os.path.exists(ref["path"]):
+            spec = ref["path"]
+        return spec, ref["digest"]
+
     def _backbone_entry(self) -> model_cache.LoadedBackbone:
-        """The process-wide loaded backbone named by the ``backbone`` parameter (see
-        :mod:`visualad.model_cache`): a path is checked by its file identity (stat) on every call,
-        a dict or EngineBackbone by object identity once resolved (its content digest keys the
-        cache, so equal weights load once; edit a dict in place and pass it again with
-        ``set_params(backbone=...)`` -- the engine runs on its own packed copy)."""
-        spec, current = self.backbone, self.__dict__.get("_loaded_")
-        ref = self.__dict__.get("_weights_ref")
-        if ref is not None and ref["spec"] is not spec:
-            ref = None  # the parameter changed since unpickling
-        if isinstance(spec, (str, os.PathLike)):
-            path = ref["path"] if ref is not None and os.path.exists(ref["path"]) else spec
-            if current is not None and self._loaded_spec is spec and current.key == model_cache.file_identity(path):
-                return current
-            entry = model_cache.load(path, ref["digest"] if ref is not None else None)
-        elif current is not None and self._loaded_spec is spec:
+        """The process-wide loaded backbone named by the ``backbone`` parameter, in the precision
+        kind of ``precision`` (see :mod:`visualad.model_cache`): a path is checked by its file
+        identity (stat) on every call, a dict or EngineBackbone by object identity once resolved
+        (its content digest keys the cache, so equal weights load once; edit a dict in place and
+        pass it again with ``set_params(backbone=...)`` -- the engine runs on its own packed copy)."""
+        spec, current, kind = self.backbone, self.__dict__.get("_loaded_"), self._weights_kind()
+        source, digest = self._weights_source()
+        if current is not None and self._loaded_spec is spec and current.precision == kind and (
+                not isinstance(spec, (str, os.PathLike)) or current.key == model_cache.file_identity(source)):
             return current
-        else:
-            entry = model_cache.load(spec, ref["digest"] if ref is not None else None)
+        entry = model_cache.load(source, digest, kind)
         self._loaded_spec = spec
         return entry
 
     def _model(self) -> model_cache.LoadedBackbone:
         """Resolves the loaded backbone and the head once; the head is rebuilt only when the
-        backbone or the ``head`` parameter changes (a trained ``head_`` survives e.g. a new
-        ``num_threads``). Returns the loaded backbone; engine states come from :meth:`_engine`."""
+        weights or the ``head`` parameter change (a trained ``head_`` survives e.g. a new
+        ``num_threads`` or ``precision``). Returns the loaded backbone; engine states come from
+        :meth:`_engine`."""
         with self._lock():
             entry = self._backbone_entry()
-            if entry is not self.__dict__.get("_loaded_"):
+            previous = self.__dict__.get("_loaded_")
+            if entry is not previous:
                 keep = self.__dict__.pop("_keep_head", False)  # a head restored by unpickling
                 self._loaded_ = entry
-                if not keep:
+                if not keep and (previous is None or previous.key != entry.key):  # other weights
                     self.head_ = None
             if self.__dict__.get("head_") is None or self.__dict__.get("_head_src", self) is not self.head:
                 self._reset_head()
@@ -299,12 +327,22 @@ class Detector:
     def _engine(self):
         """A backbone engine state for one call (context manager): the shared read-only weights
         with this call's own workspaces, so threads and clones run at once without copies."""
-        return self._model().state(self._threads(), self._precision())
+        self._precision()  # before loading: a precision this CPU cannot run loads nothing
+        return self._model().state(self._threads())
 
     @property
     def _backbone_(self) -> EngineBackbone:
-        """The loaded backbone (configuration, packed weights, preprocessing)."""
+        """The loaded backbone (configuration, preprocessing; packed float32 weights in ``params``
+        for fp32, None for bf16 -- :meth:`_fp32_backbone` has them)."""
         return self._model().backbone
+
+    def _fp32_backbone(self) -> EngineBackbone:
+        """The loaded backbone with its float32 weights: the loaded ones (fp32), or for bf16, which
+        keeps none resident, read from the source again (:func:`visualad.model_cache.fp32_backbone`)."""
+        loaded = self._model()
+        if loaded.backbone.params is not None:
+            return loaded.backbone
+        return model_cache.fp32_backbone(*self._weights_source(), key=loaded.key)
 
     def _reset_head(self):
         """head_ from the ``head`` parameter, else the head stored in a visualad backbone file, else a
@@ -472,7 +510,7 @@ class Detector:
         settings (``sigma``, ``topk_ratio``, ``threshold``, ``layers``) without training anything.
 
         With labels: X images in any accepted form; y 0/1 labels; masks: None or one entry per image (None, a
-        path, a PIL image or an array; see visualad.training.prepare_targets). AdamW with t_a/t_n at
+        path, a PIL image or an array; see visualad.training.batch_targets). AdamW with t_a/t_n at
         ``learning_rate`` and the rest at ``head_learning_rate``, weight decay 0.01, cosine annealing
         per epoch (eta_min 1e-4), t_a/t_n gradients clipped separately to norm 1, NaN steps skipped,
         ``dropout`` in SAF and SCA. Progress (running loss terms) with ``progress=True``. If
@@ -587,7 +625,8 @@ class Detector:
         if getattr(self, "calibration_", None) is not None:
             settings["calibration"] = self.calibration_
         backbone_path = self.backbone if isinstance(self.backbone, (str, os.PathLike)) else None
-        save_detector_file(path, self._loaded_.backbone, self.head_, settings, backbone_path, include_backbone)
+        backbone = self._fp32_backbone() if include_backbone else self._loaded_.backbone
+        save_detector_file(path, backbone, self.head_, settings, backbone_path, include_backbone)
 
     @classmethod
     def load(cls, path, **overrides) -> "Detector":
@@ -602,7 +641,7 @@ class Detector:
             raise CheckpointError(f"{path} is not a visualad detector file (one written by Detector.save, visualad "
                                   "train or visualad convert); to use a backbone checkpoint, give it to "
                                   "Detector(backbone=...)")
-        stored = model_cache.load(path).settings
+        stored = _stored_settings(path, overrides)
         settings = {k: v for k, v in stored.items() if k in cls._get_param_names()}
         settings.update(overrides)
         det = cls(os.fspath(path), **settings)

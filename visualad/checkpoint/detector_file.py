@@ -26,7 +26,7 @@ from .safetensors import read_header, read_safetensors, save_safetensors
 from ..engine_info import PRECISIONS
 from ..errors import CheckpointError
 from ..head import default_layers, head_engine_config, validate_head
-from ..limits import MAX_DEPTH, MAX_IMAGE_SIDE, MAX_THREADS, check_int
+from ..limits import MAX_DEPTH, MAX_IMAGE_SIDE, MAX_LAYERS, MAX_THREADS, check_int
 
 FORMAT, VERSION = "visualad", 1
 HEAD_TENSORS = ("anomaly_token", "normal_token", "ln_post_weight", "ln_post_bias")
@@ -69,6 +69,17 @@ def is_visualad_file(path) -> bool:
         return False
 
 
+def stored_precision(path) -> str:
+    """The ``precision`` setting of a visualad file, from its header only: "fp32" when it has none or
+    the file is malformed (reading the file then says what is wrong)."""
+    try:
+        _, metadata, _, _ = read_header(os.fspath(path))
+        precision = json.loads(metadata["visualad"])["settings"]["precision"]
+    except (OSError, CheckpointError, KeyError, ValueError, TypeError, RecursionError):
+        return "fp32"
+    return precision if precision in PRECISIONS else "fp32"
+
+
 # Detector settings a file may carry, by kind (anything else is ignored by Detector.load)
 _INT_SETTINGS = {"image_size": (1, MAX_IMAGE_SIDE), "num_threads": (1, MAX_THREADS), "batch_size": (1, None),
                  "epochs": (1, None), "random_state": (None, None)}
@@ -88,7 +99,7 @@ def _check_settings(settings) -> dict:
             raise ValueError(f"setting {key} must be a finite number, got {describe(value)}")
     layers = settings.get("layers")
     if layers is not None:
-        if not isinstance(layers, list) or not layers or len(layers) > MAX_DEPTH:
+        if not isinstance(layers, list) or not layers or len(layers) > MAX_LAYERS:
             raise ValueError(f"setting layers must be a non-empty list of block indices, got {describe(layers)}")
         for layer in layers:
             check_int(layer, "setting layers[i]", 1, MAX_DEPTH)

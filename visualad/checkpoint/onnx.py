@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..backbone import CLIP_BLOCK_NAMES, dinov2_block_names
 from ..errors import CheckpointError
 
 _PASS = ("Identity", "Cast", "Dropout")  # value-preserving on float tensors (Dropout: inference)
@@ -608,16 +609,21 @@ def _packed_slot(g: _Graph, node, tensor: str, d: int, what: str):
     return bounds[0] // (bounds[1] - bounds[0]), node.input[0]
 
 
-def _attention(g: _Graph, branch: str, h: str, d: int, what: str) -> dict:
-    """The attention branch ending at ``branch`` (the tensor added to the residual stream)."""
-    ls = None
+def _layer_scale(g: _Graph, branch: str, d: int):
+    """(layer scale (d,) float32 or None, the tensor it multiplies): a branch ending in a Mul by a
+    constant of d values (DINOv2's LayerScale) is that constant times the tensor before it."""
     node = g.node_of(branch)
     if node is not None and node.op_type == "Mul":
         for i, j in ((0, 1), (1, 0)):
             v = g.fold(node.input[j])
             if v is not None and v.size == d:
-                ls, branch = np.ascontiguousarray(v.reshape(d), np.float32), node.input[i]
-                break
+                return np.ascontiguousarray(v.reshape(d), np.float32), node.input[i]
+    return None, branch
+
+
+def _attention(g: _Graph, branch: str, h: str, d: int, what: str) -> dict:
+    """The attention branch ending at ``branch`` (the tensor added to the residual stream)."""
+    ls, branch = _layer_scale(g, branch, d)
     w_o, b_o, a = _linear(g, branch, d, f"{what} output projection")
     pv = _walk_back(g, a, what)
     if pv.node is None or pv.node.op_type != "MatMul":
@@ -685,14 +691,7 @@ def _activation(g: _Graph, out: str, what: str) -> tuple[str, str]:
 
 
 def _mlp(g: _Graph, branch: str, h: str, d: int, what: str) -> dict:
-    ls = None
-    node = g.node_of(branch)
-    if node is not None and node.op_type == "Mul":
-        for i, j in ((0, 1), (1, 0)):
-            v = g.fold(node.input[j])
-            if v is not None and v.size == d:
-                ls, branch = np.ascontiguousarray(v.reshape(d), np.float32), node.input[i]
-                break
+    ls, branch = _layer_scale(g, branch, d)
     w2, b2, a = _linear(g, branch, None, f"{what} fc2")
     if w2.shape[0] != d:
         g.fail(f"{what} fc2: {w2.shape[0]} outputs, expected the width {d}")
@@ -898,34 +897,34 @@ def _embeddings(g: _Graph, d: int, conv) -> tuple:
 # ---------------------------------------------------------------------- canonical naming
 
 
+def _block_tensors(blk: dict) -> dict:
+    """One block's tensors under the engine's names (the keys of ``CLIP_BLOCK_NAMES``)."""
+    a, m = blk["attn"], blk["mlp"]
+    t = {"ln1.weight": blk["norm1"].weight, "ln1.bias": blk["norm1"].bias, "qkv.weight": a["qkv_w"],
+         "qkv.bias": a["qkv_b"], "proj.weight": a["proj_w"], "proj.bias": a["proj_b"],
+         "ln2.weight": blk["norm2"].weight, "ln2.bias": blk["norm2"].bias, "fc1.weight": m["fc1_w"],
+         "fc1.bias": m["fc1_b"], "fc2.weight": m["fc2_w"], "fc2.bias": m["fc2_b"]}
+    if a["ls"] is not None:
+        t["ls1"], t["ls2"] = a["ls"], m["ls"]
+    return t
+
+
 def _canonical(family: str, d: int, conv_w, conv_b, cls, pos, registers, ln_pre, blocks, final) -> dict:
+    """The tower's tensors under the family's canonical names (visualad.backbone reads them)."""
     if family == "clip":
         t = {"visual.conv1.weight": conv_w, "visual.class_embedding": cls, "visual.positional_embedding": pos,
              "visual.ln_pre.weight": ln_pre.weight, "visual.ln_pre.bias": ln_pre.bias,
              "visual.ln_post.weight": final.weight, "visual.ln_post.bias": final.bias}
-        for i, blk in enumerate(blocks):
-            p, a, m = f"visual.transformer.resblocks.{i}.", blk["attn"], blk["mlp"]
-            t.update({p + "ln_1.weight": blk["norm1"].weight, p + "ln_1.bias": blk["norm1"].bias,
-                      p + "attn.in_proj_weight": a["qkv_w"], p + "attn.in_proj_bias": a["qkv_b"],
-                      p + "attn.out_proj.weight": a["proj_w"], p + "attn.out_proj.bias": a["proj_b"],
-                      p + "ln_2.weight": blk["norm2"].weight, p + "ln_2.bias": blk["norm2"].bias,
-                      p + "mlp.c_fc.weight": m["fc1_w"], p + "mlp.c_fc.bias": m["fc1_b"],
-                      p + "mlp.c_proj.weight": m["fc2_w"], p + "mlp.c_proj.bias": m["fc2_b"]})
-        return t
-    t = {"patch_embed.proj.weight": conv_w, "patch_embed.proj.bias": conv_b, "cls_token": cls.reshape(1, 1, d),
-         "pos_embed": pos[None], "norm.weight": final.weight, "norm.bias": final.bias}
-    if registers is not None:
-        t["register_tokens"] = registers[None]
+        prefix, names = "visual.transformer.resblocks.{}.", CLIP_BLOCK_NAMES
+    else:
+        t = {"patch_embed.proj.weight": conv_w, "patch_embed.proj.bias": conv_b, "cls_token": cls.reshape(1, 1, d),
+             "pos_embed": pos[None], "norm.weight": final.weight, "norm.bias": final.bias}
+        if registers is not None:
+            t["register_tokens"] = registers[None]
+        prefix = "blocks.{}."
+        names = dinov2_block_names(swiglu=False, layerscale=blocks[0]["attn"]["ls"] is not None)
     for i, blk in enumerate(blocks):
-        p, a, m = f"blocks.{i}.", blk["attn"], blk["mlp"]
-        t.update({p + "norm1.weight": blk["norm1"].weight, p + "norm1.bias": blk["norm1"].bias,
-                  p + "attn.qkv.weight": a["qkv_w"], p + "attn.qkv.bias": a["qkv_b"],
-                  p + "attn.proj.weight": a["proj_w"], p + "attn.proj.bias": a["proj_b"],
-                  p + "norm2.weight": blk["norm2"].weight, p + "norm2.bias": blk["norm2"].bias,
-                  p + "mlp.fc1.weight": m["fc1_w"], p + "mlp.fc1.bias": m["fc1_b"],
-                  p + "mlp.fc2.weight": m["fc2_w"], p + "mlp.fc2.bias": m["fc2_b"]})
-        if a["ls"] is not None:
-            t[p + "ls1.gamma"], t[p + "ls2.gamma"] = a["ls"], m["ls"]
+        t.update({prefix.format(i) + names[role]: value for role, value in _block_tensors(blk).items()})
     return t
 
 
