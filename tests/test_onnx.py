@@ -283,6 +283,27 @@ def test_malformed_graphs(tmp_path):
     with pytest.raises(CheckpointError, match="bytes"):
         load_backbone(_save(m, tmp_path / "dims.onnx"))
 
+    # the per-head Reshape's head size a fraction (was a ZeroDivisionError found by the fuzzer)
+    m = onnx.load(good)
+    g = m.graph
+    consts = {o: n for n in g.node if n.op_type == "Constant" for o in n.output}
+    inits = {t.name for t in g.initializer}
+    dh = D // H
+    for node in g.node:
+        if node.op_type != "Reshape":
+            continue
+        src = node.input[1]
+        feeds = [src] if src in consts or src in inits else [
+            i for n in g.node if src in n.output and n.op_type == "Concat" for i in n.input]
+        hits = [i for i in feeds if i in consts and onnx.numpy_helper.to_array(
+            consts[i].attribute[0].t).reshape(-1).tolist()[-1:] == [dh]]
+        for name in hits:
+            value = onnx.numpy_helper.to_array(consts[name].attribute[0].t).astype(np.float32).reshape(-1)
+            value[-1] = 0.5
+            consts[name].attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(value))
+    with pytest.raises(CheckpointError):
+        load_backbone(_save(m, tmp_path / "halfhead.onnx"))
+
     # a softmax replaced by another op
     m = onnx.load(good)
     next(n for n in m.graph.node if n.op_type == "Softmax").op_type = "Sigmoid"

@@ -567,7 +567,7 @@ def _heads(g: _Graph, reshapes: list, d: int):
         if not entries or len(entries) < 3:
             continue
         dh = entries[-1]
-        if isinstance(dh, (int, float)) and 0 < dh < d and d % int(dh) == 0:
+        if isinstance(dh, (int, float)) and float(dh).is_integer() and 1 <= dh < d and d % int(dh) == 0:
             return d // int(dh)
         return None
     return None
