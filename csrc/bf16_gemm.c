@@ -40,7 +40,8 @@ typedef struct {
     float *C;
     const float *A, *bias;
     const vad_bf16 *packed;
-    vad_bf16 *abuf;
+    const vad_bf16 *in16; /* the rounded input rows the product reads */
+    vad_bf16 *abuf;       /* where round_rows_task writes them */
     int ldc, lda, M, N, K;
     float beta;
     int act;
@@ -100,19 +101,31 @@ VAD_TARGET_BF16 static void panels_task(void *vctx, int64_t j0, int64_t j1, int 
     (void)tid;
     const bf16_ctx *c = (const bf16_ctx *)vctx;
     int K2 = (int)pairs_of(c->K);
-    vad_panel_job job = {c->C,        (const char *)c->abuf, (const char *)c->packed, c->bias, (size_t)K2 * 4,
+    vad_panel_job job = {c->C,        (const char *)c->in16, (const char *)c->packed, c->bias, (size_t)K2 * 4,
                          BLOCK_BYTES, c->ldc, c->M, c->N, K2, KC2_MAX, c->beta, c->act};
     vad_panel_run(&job, j0, j1, kernel);
+}
+
+void vad_bf16_linear_rounded(vad_pool *pool, float *C, int ldc, const vad_bf16 *A, const vad_bf16 *packed,
+                             const float *bias, int M, int N, int K, float beta, int act) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    bf16_ctx c = {C, NULL, bias, packed, A, NULL, ldc, 0, M, N, K, beta, act};
+    vad_parallel_for(pool, (N + VAD_PANEL - 1) / VAD_PANEL, 1, panels_task, &c);
 }
 
 void vad_bf16_linear(vad_pool *pool, float *C, int ldc, const float *A, int lda, const vad_bf16 *packed,
                      const float *bias, int M, int N, int K, float beta, int act, vad_bf16 *abuf) {
     if (M <= 0 || N <= 0 || K <= 0) return;
-    bf16_ctx c = {C, A, bias, packed, abuf, ldc, lda, M, N, K, beta, act};
+    bf16_ctx c = {C, A, bias, packed, NULL, abuf, ldc, lda, M, N, K, beta, act};
     vad_parallel_for(pool, M, 16, round_rows_task, &c);
-    vad_parallel_for(pool, (N + VAD_PANEL - 1) / VAD_PANEL, 1, panels_task, &c);
+    vad_bf16_linear_rounded(pool, C, ldc, abuf, packed, bias, M, N, K, beta, act);
 }
 #else
+void vad_bf16_linear_rounded(vad_pool *pool, float *C, int ldc, const vad_bf16 *A, const vad_bf16 *packed,
+                             const float *bias, int M, int N, int K, float beta, int act) {
+    (void)pool, (void)C, (void)ldc, (void)A, (void)packed, (void)bias, (void)M, (void)N, (void)K, (void)beta, (void)act;
+}
+
 void vad_bf16_linear(vad_pool *pool, float *C, int ldc, const float *A, int lda, const vad_bf16 *packed,
                      const float *bias, int M, int N, int K, float beta, int act, vad_bf16 *abuf) {
     (void)pool, (void)C, (void)ldc, (void)A, (void)lda, (void)packed, (void)bias, (void)M, (void)N, (void)K;

@@ -180,3 +180,17 @@ def test_cli_commands_take_precision():
         assert parser.parse_args(cmd + (["--backbone", "b"] if cmd[0] != "convert" else [])).precision == "fp32"
         assert parser.parse_args(cmd + (["--backbone", "b"] if cmd[0] != "convert" else []) +
                                  ["--precision", "bf16"]).precision == "bf16"
+
+
+@pytest.mark.parametrize("C", [1, 7, 16, 17, 31, 32, 33, 100, 768, 1031])
+def test_layernorm_bf16_rows_are_the_fp32_layernorm_rounded(C):
+    """The bf16 path normalises straight into the next product's bf16 input: it must equal the fp32
+    LayerNorm rounded to nearest-even bf16, at every width (vector tails, odd widths) and thread count."""
+    rng = np.random.default_rng(C)
+    x = (rng.standard_normal((11, C)) * 2 + 1).astype(np.float32)
+    w = rng.standard_normal(C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    want = round_bf16(_engine.testing.layernorm(x, w, b, 1e-6))
+    for threads in (1, 3):
+        got = _engine.testing.layernorm(x, w, b, 1e-6, precision="bf16", num_threads=threads)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
