@@ -33,10 +33,11 @@ def gemm_reference(x, w, bias=None, out=None):
     return y, scale
 
 
-# rows, cols, depth: not multiples of 6/16/32/64, depth 1, odd depths (a zero-padded pair), depth
-# over one 1024-deep pass, one row, one column
+# rows, cols, depth: not multiples of 6/16/32/64, depth 1, odd depths (a zero-padded pair), one row,
+# one column; depth exactly one 3072-deep pass, and just over it (two passes) with rows over one
+# row block (168 rows at that depth)
 SHAPES = [(1, 1, 1), (5, 3, 1), (7, 65, 3), (13, 130, 33), (6, 64, 64), (100, 70, 129), (37, 200, 1000),
-          (50, 17, 1300), (9, 1, 2049)]
+          (50, 17, 1300), (9, 1, 2049), (7, 64, 3072), (200, 130, 3073)]
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -54,13 +55,14 @@ def test_gemm_matches_float64(M, N, K):
     assert np.all(np.abs(out - want) <= 1e-5 * scale)
 
 
-def test_gemm_rows_and_threads_do_not_change_results():
+@pytest.mark.parametrize("M,K", [(131, 300), (200, 3073)])  # one pass / two passes and two row blocks
+def test_gemm_rows_and_threads_do_not_change_results(M, K):
     rng = np.random.default_rng(3)
-    x, w = rng.standard_normal((131, 300)).astype(np.float32), rng.standard_normal((200, 300)).astype(np.float32)
+    x, w = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((200, K)).astype(np.float32)
     full = _engine.testing.bf16_linear(x, w)
     for n in (2, 3, 4):
         assert np.array_equal(_engine.testing.bf16_linear(x, w, num_threads=n), full)
-    for lo, hi in [(0, 1), (5, 17), (60, 131), (1, 130)]:  # any split into row ranges
+    for lo, hi in [(0, 1), (5, 17), (60, 131), (1, 130), (0, M)]:  # any split into row ranges
         assert np.array_equal(_engine.testing.bf16_linear(np.ascontiguousarray(x[lo:hi]), w), full[lo:hi])
 
 
