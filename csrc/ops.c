@@ -157,68 +157,9 @@ VAD_HOT static void ln_row(float *o, const float *x, const float *w, const float
     for (int i = 0; i < C; i++) o[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-
-#define VAD_LN_AVX512 __attribute__((target("avx512f")))
-
-/* row_stats in AVX-512F: one zmm accumulator is the VAD_LANES lanes, then the same lane_sum and
- * scalar tail, so the statistics are bit-identical to row_stats (which GCC vectorises poorly). */
-VAD_LN_AVX512 static inline __attribute__((always_inline)) void row_stats_avx512(const float *x, int C, float eps,
-                                                                                float *mean_out, float *rstd_out) {
-    float lanes[VAD_LANES];
-    __m512 acc = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + VAD_LANES <= C; i += VAD_LANES) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
-    _mm512_storeu_ps(lanes, acc);
-    float mean = lane_sum(lanes);
-    for (; i < C; i++) mean += x[i];
-    mean /= (float)C;
-    __m512 vm = _mm512_set1_ps(mean), acc2 = _mm512_setzero_ps();
-    for (i = 0; i + VAD_LANES <= C; i += VAD_LANES) {
-        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), vm);
-        acc2 = _mm512_add_ps(acc2, _mm512_mul_ps(d, d));
-    }
-    _mm512_storeu_ps(lanes, acc2);
-    float var = lane_sum(lanes);
-    for (; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
-    var /= (float)C;
-    *mean_out = mean;
-    *rstd_out = 1.0f / sqrtf(var + eps);
-}
-
-/* (x - mean) * rstd * w + b for the 16 columns from i (masked by m: zero elsewhere), as ln_row. */
-VAD_LN_AVX512 static inline __attribute__((always_inline)) __m512 ln_lanes(const float *x, const float *w,
-                                                                          const float *b, int i, __mmask16 m,
-                                                                          __m512 vm, __m512 vr) {
-    __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm), vr);
-    return _mm512_maskz_add_ps(m, _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, w + i)), _mm512_maskz_loadu_ps(m, b + i));
-}
-
-static __mmask16 lane_mask(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
-
-VAD_LN_AVX512 static void ln_row_avx512(float *o, const float *x, const float *w, const float *b, int C, float eps) {
-    float mean, rstd;
-    row_stats_avx512(x, C, eps, &mean, &rstd);
-    __m512 vm = _mm512_set1_ps(mean), vr = _mm512_set1_ps(rstd);
-    for (int i = 0; i < C; i += 16) _mm512_mask_storeu_ps(o + i, lane_mask(C - i), ln_lanes(x, w, b, i, lane_mask(C - i), vm, vr));
-}
-
-static int ln_simd(void) { return __builtin_cpu_supports("avx512f"); }
-#else
-static int ln_simd(void) { return 0; }
-#endif
-
 static void ln_task(void *vctx, int64_t begin, int64_t end, int tid) {
     (void)tid;
     ln_ctx *c = (ln_ctx *)vctx;
-#if defined(__x86_64__) || defined(__i386__)
-    if (ln_simd()) {
-        for (int64_t r = begin; r < end; r++)
-            ln_row_avx512(c->out + r * c->ld_out, c->in + r * c->ld_in, c->w, c->b, c->C, c->eps);
-        return;
-    }
-#endif
     for (int64_t r = begin; r < end; r++)
         ln_row(c->out + r * c->ld_out, c->in + r * c->ld_in, c->w, c->b, c->C, c->eps);
 }
@@ -237,7 +178,17 @@ typedef struct {
     float eps;
 } ln_bf16_ctx;
 
-/* ln_row's values rounded to bf16 (as vad_store_bf16x32), 2 * ceil(C/2) per row (a zero past C). */
+/* (x - mean) * rstd * w + b for the 16 columns from i (masked by m: zero elsewhere), as ln_row. */
+VAD_TARGET_BF16 static inline __attribute__((always_inline)) __m512 ln_lanes(const float *x, const float *w,
+                                                                            const float *b, int i, int n, __m512 vm,
+                                                                            __m512 vr) {
+    __mmask16 m = n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+    __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm), vr);
+    return _mm512_maskz_add_ps(m, _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, w + i)), _mm512_maskz_loadu_ps(m, b + i));
+}
+
+/* ln_row's values (the same row_stats, the same operations) rounded to bf16 as vad_store_bf16x32
+ * rounds, 2 * ceil(C/2) per row (a zero past C). */
 VAD_TARGET_BF16 static void ln_bf16_task(void *vctx, int64_t begin, int64_t end, int tid) {
     (void)tid;
     const ln_bf16_ctx *c = (const ln_bf16_ctx *)vctx;
@@ -246,11 +197,10 @@ VAD_TARGET_BF16 static void ln_bf16_task(void *vctx, int64_t begin, int64_t end,
         const float *x = c->in + r * c->ld_in;
         vad_bf16 *o = c->out + r * Cp;
         float mean, rstd;
-        row_stats_avx512(x, C, c->eps, &mean, &rstd);
+        row_stats(x, C, c->eps, &mean, &rstd);
         __m512 vm = _mm512_set1_ps(mean), vr = _mm512_set1_ps(rstd);
         for (int i = 0; i < C; i += 32) {
-            __m512 lo = ln_lanes(x, c->w, c->b, i, lane_mask(C - i), vm, vr);
-            __m512 hi = ln_lanes(x, c->w, c->b, i + 16, lane_mask(C - i - 16), vm, vr);
+            __m512 lo = ln_lanes(x, c->w, c->b, i, C - i, vm, vr), hi = ln_lanes(x, c->w, c->b, i + 16, C - i - 16, vm, vr);
             int n = Cp - i;
             _mm512_mask_storeu_epi16(o + i, n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1),
                                      (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
