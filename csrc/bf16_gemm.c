@@ -101,8 +101,8 @@ VAD_TARGET_BF16 static void panels_task(void *vctx, int64_t j0, int64_t j1, int 
     (void)tid;
     const bf16_ctx *c = (const bf16_ctx *)vctx;
     int K2 = (int)pairs_of(c->K);
-    vad_panel_job job = {c->C,        (const char *)c->in16, (const char *)c->packed, c->bias, (size_t)K2 * 4,
-                         BLOCK_BYTES, c->ldc, c->M, c->N, K2, KC2_MAX, c->beta, c->act};
+    vad_panel_job job = {c->C, (const char *)c->in16, (const char *)c->packed, c->bias, (size_t)K2 * 4, BLOCK_BYTES,
+                         c->ldc, c->M, c->N, K2, KC2_MAX, c->beta, c->act};
     vad_panel_run(&job, j0, j1, kernel);
 }
 

@@ -86,8 +86,8 @@ VAD_TARGET_AVX512 static void kernel(int kc, const char *a, size_t a_row_bytes, 
 VAD_TARGET_AVX512 static void simd_task(void *vctx, int64_t j0, int64_t j1, int tid) {
     const panel_ctx *c = (const panel_ctx *)vctx;
     (void)tid;
-    vad_panel_job job = {c->C,    (const char *)c->A, (const char *)c->panels, c->bias, (size_t)c->lda * 4,
-                         BLOCK_BYTES, c->ldc, c->M, c->N, c->K, KC_MAX, c->beta, c->act};
+    vad_panel_job job = {c->C, (const char *)c->A, (const char *)c->panels, c->bias, (size_t)c->lda * 4, BLOCK_BYTES,
+                         c->ldc, c->M, c->N, c->K, KC_MAX, c->beta, c->act};
     vad_panel_run(&job, j0, j1, kernel);
 }
 #else
