@@ -7,9 +7,10 @@
 #include "errors.h"
 #include "ops.h"
 #include "panel_gemm.h"
+#include "panel_tile.h"
 
-#define MR 6                      /* rows of C per kernel call (6 x 64 accumulators = 24 zmm) */
-#define KC2_MAX 512               /* input pairs per pass over K */
+#define MR VAD_TILE_ROWS
+#define KC2_MAX 1536              /* input pairs per pass over K (ViT-B/16 fc2, K 3072, in one) */
 #define BLOCK_BYTES (512 * 1024)  /* rows of bf16 A one pass keeps in L2 */
 
 static size_t pairs_of(int K) { return (size_t)(K + 1) / 2; }
@@ -39,7 +40,8 @@ typedef struct {
     float *C;
     const float *A, *bias;
     const vad_bf16 *packed;
-    vad_bf16 *abuf;
+    const vad_bf16 *in16; /* the rounded input rows the product reads */
+    vad_bf16 *abuf;       /* where round_rows_task writes them */
     int ldc, lda, M, N, K;
     float beta;
     int act;
@@ -67,24 +69,21 @@ VAD_TARGET_BF16 static void round_rows_task(void *vctx, int64_t r0, int64_t r1, 
     }
 }
 
-/* C[0:mr, 0:64 (masked)] (+)= A[0:mr, pairs 0:kc2] * b (kc2 pair rows of one panel) (+ bias). */
-VAD_TARGET_BF16 static inline __attribute__((always_inline)) void kernel(int kc2, const vad_bf16 *a, size_t lda,
-                                                                         const vad_bf16 *b, float *C, int ldc,
-                                                                         int mr, const __mmask16 *mk, int load_c,
-                                                                         const float *bias) {
+/* The bf16 vad_tile_kernel: a steps are bf16 pairs, b rows 64 pairs. */
+VAD_TARGET_BF16 static void kernel(int kc2, const char *a, size_t a_row_bytes, const char *bb, float *C, int ldc,
+                                   int mr, const __mmask16 *mk, int load_c, const float *bias, const char *pf,
+                                   int pf_mask) {
     __m512 acc[MR][4];
-    const vad_bf16 *ar[MR];
-    for (int r = 0; r < MR; r++) ar[r] = a + (size_t)(r < mr ? r : 0) * lda;
-    for (int v = 0; v < 4; v++) {
-        __m512 bv = bias ? _mm512_maskz_loadu_ps(mk[v], bias + 16 * v) : _mm512_setzero_ps();
-        for (int r = 0; r < MR; r++)
-            acc[r][v] = load_c && r < mr
-                            ? _mm512_add_ps(_mm512_maskz_loadu_ps(mk[v], C + (size_t)r * ldc + 16 * v), bv)
-                            : bv;
-    }
+    const vad_bf16 *ar[MR], *b = (const vad_bf16 *)bb;
+    for (int r = 0; r < MR; r++) ar[r] = (const vad_bf16 *)(a + (size_t)(r < mr ? r : 0) * a_row_bytes);
+    vad_tile_load(acc, C, ldc, mr, mk, load_c, bias);
     for (int p = 0; p < kc2; p++) {
         __m512i b0 = _mm512_loadu_si512((const void *)b), b1 = _mm512_loadu_si512((const void *)(b + 32)),
                 b2 = _mm512_loadu_si512((const void *)(b + 64)), b3 = _mm512_loadu_si512((const void *)(b + 96));
+        if (pf_mask >= 0 && (p & pf_mask) == 0) {
+            _mm_prefetch(pf, _MM_HINT_T1);
+            pf += 64;
+        }
         for (int r = 0; r < MR; r++) {
             __m512i av = vad_bcast_pair(ar[r] + 2 * p);
             acc[r][0] = vad_dp_bf16(acc[r][0], av, b0);
@@ -94,56 +93,39 @@ VAD_TARGET_BF16 static inline __attribute__((always_inline)) void kernel(int kc2
         }
         b += 2 * VAD_PANEL;
     }
-    for (int r = 0; r < mr; r++)
-        for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16 * v, mk[v], acc[r][v]);
+    vad_tile_store(C, ldc, mr, mk, acc);
 }
 
-/* Panels [j0, j1): K in passes of <= KC2_MAX pairs, rows in blocks that fit in L2, each panel's
- * slice of W reused over all row groups of the block (as panel_gemm.c). */
+/* Panels [j0, j1) of C (vad_panel_run); passes of <= KC2_MAX pairs, row blocks of BLOCK_BYTES. */
 VAD_TARGET_BF16 static void panels_task(void *vctx, int64_t j0, int64_t j1, int tid) {
     (void)tid;
     const bf16_ctx *c = (const bf16_ctx *)vctx;
-    int K2 = (int)pairs_of(c->K), passes = (K2 + KC2_MAX - 1) / KC2_MAX, kc_step = (K2 + passes - 1) / passes;
-    size_t lda = 2 * (size_t)K2;
-    for (int p0 = 0; p0 < K2; p0 += kc_step) {
-        int kc2 = K2 - p0 < kc_step ? K2 - p0 : kc_step;
-        int mc_max = BLOCK_BYTES / (kc2 * 4) / MR * MR, blocks;
-        if (mc_max < MR) mc_max = MR;
-        blocks = (c->M + mc_max - 1) / mc_max;
-        int mc_step = ((c->M + blocks - 1) / blocks + MR - 1) / MR * MR;
-        int load_c = p0 > 0 || c->beta != 0.0f, last_pass = p0 + kc2 == K2;
-        for (int m0 = 0; m0 < c->M; m0 += mc_step) {
-            int mb = c->M - m0 < mc_step ? c->M - m0 : mc_step;
-            for (int64_t j = j0; j < j1; j++) {
-                int n0 = (int)j * VAD_PANEL, left = c->N - n0;
-                __mmask16 mk[4];
-                for (int v = 0; v < 4; v++) {
-                    int q = left - 16 * v;
-                    mk[v] = q >= 16 ? (__mmask16)0xffff : q <= 0 ? (__mmask16)0 : (__mmask16)((1u << q) - 1);
-                }
-                const vad_bf16 *bp = c->packed + ((size_t)j * K2 + p0) * 2 * VAD_PANEL;
-                const float *bias = p0 == 0 && c->bias ? c->bias + n0 : NULL;
-                for (int i = 0; i < mb; i += MR) {
-                    float *tile = c->C + (size_t)(m0 + i) * c->ldc + n0;
-                    int rows = mb - i < MR ? mb - i : MR;
-                    kernel(kc2, c->abuf + (size_t)(m0 + i) * lda + 2 * (size_t)p0, lda, bp, tile, c->ldc, rows, mk,
-                           load_c, bias);
-                    if (last_pass && c->act >= 0)
-                        vad_activation_rows(tile, c->ldc, rows, left < VAD_PANEL ? left : VAD_PANEL, c->act);
-                }
-            }
-        }
-    }
+    int K2 = (int)pairs_of(c->K);
+    vad_panel_job job = {c->C, (const char *)c->in16, (const char *)c->packed, c->bias, (size_t)K2 * 4, BLOCK_BYTES,
+                         c->ldc, c->M, c->N, K2, KC2_MAX, c->beta, c->act};
+    vad_panel_run(&job, j0, j1, kernel);
+}
+
+void vad_bf16_linear_rounded(vad_pool *pool, float *C, int ldc, const vad_bf16 *A, const vad_bf16 *packed,
+                             const float *bias, int M, int N, int K, float beta, int act) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    bf16_ctx c = {C, NULL, bias, packed, A, NULL, ldc, 0, M, N, K, beta, act};
+    vad_parallel_for(pool, (N + VAD_PANEL - 1) / VAD_PANEL, 1, panels_task, &c);
 }
 
 void vad_bf16_linear(vad_pool *pool, float *C, int ldc, const float *A, int lda, const vad_bf16 *packed,
                      const float *bias, int M, int N, int K, float beta, int act, vad_bf16 *abuf) {
     if (M <= 0 || N <= 0 || K <= 0) return;
-    bf16_ctx c = {C, A, bias, packed, abuf, ldc, lda, M, N, K, beta, act};
+    bf16_ctx c = {C, A, bias, packed, NULL, abuf, ldc, lda, M, N, K, beta, act};
     vad_parallel_for(pool, M, 16, round_rows_task, &c);
-    vad_parallel_for(pool, (N + VAD_PANEL - 1) / VAD_PANEL, 1, panels_task, &c);
+    vad_bf16_linear_rounded(pool, C, ldc, abuf, packed, bias, M, N, K, beta, act);
 }
 #else
+void vad_bf16_linear_rounded(vad_pool *pool, float *C, int ldc, const vad_bf16 *A, const vad_bf16 *packed,
+                             const float *bias, int M, int N, int K, float beta, int act) {
+    (void)pool, (void)C, (void)ldc, (void)A, (void)packed, (void)bias, (void)M, (void)N, (void)K, (void)beta, (void)act;
+}
+
 void vad_bf16_linear(vad_pool *pool, float *C, int ldc, const float *A, int lda, const vad_bf16 *packed,
                      const float *bias, int M, int N, int K, float beta, int act, vad_bf16 *abuf) {
     (void)pool, (void)C, (void)ldc, (void)A, (void)lda, (void)packed, (void)bias, (void)M, (void)N, (void)K;

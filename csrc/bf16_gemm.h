@@ -30,6 +30,11 @@ void vad_bf16_pack(vad_bf16 *dst, const float *src, int N, int K, size_t stride_
 void vad_bf16_linear(vad_pool *pool, float *C, int ldc, const float *A, int lda, const vad_bf16 *packed,
                      const float *bias, int M, int N, int K, float beta, int act, vad_bf16 *abuf);
 
+/* The same product on input rows already rounded to bf16: A holds M rows of vad_bf16_input_elems(1, K)
+ * elements (zero past K), as vad_layernorm_bf16 writes them. */
+void vad_bf16_linear_rounded(vad_pool *pool, float *C, int ldc, const vad_bf16 *A, const vad_bf16 *packed,
+                             const float *bias, int M, int N, int K, float beta, int act);
+
 /* Best wall time (seconds) of one [M,K] x [K,N] vad_bf16_linear (input rounding included, weight
  * packing not) over `repeats` runs with a fresh pool of nthreads: the bf16 reference rate for benchmarks. */
 int vad_bf16_gemm_benchmark(int M, int N, int K, int repeats, int nthreads, double *best_seconds);

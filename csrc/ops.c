@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 
+#include "bf16.h"
 #include "blas.h"
 #include "errors.h"
 #include "mathfun.h"
@@ -168,6 +169,56 @@ void vad_layernorm(vad_pool *pool, float *out, int ld_out, const float *in, int 
     ln_ctx c = {out, in, w, b, ld_out, ld_in, C, eps};
     vad_parallel_for(pool, rows, 8, ln_task, &c);
 }
+
+#ifdef VAD_HAVE_BF16_KERNELS
+typedef struct {
+    vad_bf16 *out;
+    const float *in, *w, *b;
+    int ld_in, C;
+    float eps;
+} ln_bf16_ctx;
+
+/* (x - mean) * rstd * w + b for the 16 columns from i (masked by m: zero elsewhere), as ln_row. */
+VAD_TARGET_BF16 static inline __attribute__((always_inline)) __m512 ln_lanes(const float *x, const float *w,
+                                                                            const float *b, int i, int n, __m512 vm,
+                                                                            __m512 vr) {
+    __mmask16 m = n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+    __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm), vr);
+    return _mm512_maskz_add_ps(m, _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, w + i)), _mm512_maskz_loadu_ps(m, b + i));
+}
+
+/* ln_row's values (the same row_stats, the same operations) rounded to bf16 as vad_store_bf16x32
+ * rounds, 2 * ceil(C/2) per row (a zero past C). */
+VAD_TARGET_BF16 static void ln_bf16_task(void *vctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    const ln_bf16_ctx *c = (const ln_bf16_ctx *)vctx;
+    int C = c->C, Cp = C + (C & 1);
+    for (int64_t r = begin; r < end; r++) {
+        const float *x = c->in + r * c->ld_in;
+        vad_bf16 *o = c->out + r * Cp;
+        float mean, rstd;
+        row_stats(x, C, c->eps, &mean, &rstd);
+        __m512 vm = _mm512_set1_ps(mean), vr = _mm512_set1_ps(rstd);
+        for (int i = 0; i < C; i += 32) {
+            __m512 lo = ln_lanes(x, c->w, c->b, i, C - i, vm, vr), hi = ln_lanes(x, c->w, c->b, i + 16, C - i - 16, vm, vr);
+            int n = Cp - i;
+            _mm512_mask_storeu_epi16(o + i, n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1),
+                                     (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+}
+
+void vad_layernorm_bf16(vad_pool *pool, vad_bf16 *out, const float *in, int ld_in, const float *w, const float *b,
+                        int rows, int C, float eps) {
+    ln_bf16_ctx c = {out, in, w, b, ld_in, C, eps};
+    vad_parallel_for(pool, rows, 8, ln_bf16_task, &c);
+}
+#else
+void vad_layernorm_bf16(vad_pool *pool, vad_bf16 *out, const float *in, int ld_in, const float *w, const float *b,
+                        int rows, int C, float eps) {
+    (void)pool, (void)out, (void)in, (void)ld_in, (void)w, (void)b, (void)rows, (void)C, (void)eps;
+}
+#endif
 
 
 /* LayerNorm backward for rows of x (stride ld_x): dx (+=, stride ld_dx) from dout (stride ld_o);

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bf16.h"
 #include "threadpool.h"
 
 enum vad_activation { VAD_ACT_QUICK_GELU = 0, VAD_ACT_GELU = 1, VAD_ACT_SWIGLU = 2 };
@@ -33,6 +34,12 @@ void vad_linear_backward(vad_pool *pool, float *dx, float dx_beta, float *dW, fl
 /* LayerNorm over the last dim (biased variance). out may alias in. Rows have stride ld. */
 void vad_layernorm(vad_pool *pool, float *out, int ld_out, const float *in, int ld_in,
                    const float *w, const float *b, int rows, int C, float eps);
+
+/* The same LayerNorm with its rows rounded to bf16 (bf16.h) into out, 2 * ceil(C/2) elements per row
+ * (a zero past C when C is odd): the input layout of vad_bf16_linear_rounded. The values are those
+ * vad_layernorm writes, rounded as vad_bf16_linear rounds its input. Needs AVX512-BF16. */
+void vad_layernorm_bf16(vad_pool *pool, vad_bf16 *out, const float *in, int ld_in, const float *w, const float *b,
+                        int rows, int C, float eps);
 
 /* LayerNorm backward (recomputes the statistics from x): dx += ..., dw/db += ... (NULL to skip). */
 int vad_layernorm_backward(vad_pool *pool, float *dx, int ld_dx, const float *dout, int ld_o, const float *x,

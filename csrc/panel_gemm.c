@@ -5,10 +5,11 @@
 
 #include "blas.h"
 #include "ops.h"
+#include "panel_tile.h"
 
-#define MR 6                      /* rows of C per kernel call (6 x 64 accumulators = 24 zmm) */
+#define MR VAD_TILE_ROWS
 #define KC_MAX 1024               /* depth of one pass over K */
-#define BLOCK_FLOATS (256 * 1024) /* rows of A one pass keeps in L2: 1 MB, half an L2 */
+#define BLOCK_BYTES (1024 * 1024) /* rows of A one pass keeps in L2: half an L2 */
 
 static atomic_int simd_enabled = 1;
 
@@ -50,31 +51,18 @@ static void blas_task(void *vctx, int64_t j0, int64_t j1, int tid) {
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-
-#define VAD_AVX512 __attribute__((target("avx512f")))
-
 static int cpu_has_avx512(void) { return __builtin_cpu_supports("avx512f"); }
 
-/* C[0:mr, 0:64 (masked)] (+)= A[0:mr, 0:kc] (rows lda apart) * b (kc x 64 panel rows) (+ bias).
- * A is read in place: each k step broadcasts one value from each of the mr rows (six sequential
- * streams the hardware prefetcher follows), so A needs no packing.
- * Every k step with (k & pf_mask) == 0 also asks for the next cache line from pf to be brought
- * into L2 (pf_mask < 0: none): the caller points pf at the weights it will need next. */
-VAD_AVX512 static inline __attribute__((always_inline)) void kernel(int kc, const float *a, size_t lda,
-                                                                    const float *b, float *C, int ldc, int mr,
-                                                                    const __mmask16 *mk, int load_c, const float *bias,
-                                                                    const char *pf, int pf_mask) {
+/* The fp32 vad_tile_kernel: a steps are floats, b rows 64 floats. A is read in place: each k step
+ * broadcasts one value from each of the mr rows (six sequential streams the hardware prefetcher
+ * follows), so A needs no packing. */
+VAD_TARGET_AVX512 static void kernel(int kc, const char *a, size_t a_row_bytes, const char *bb, float *C, int ldc,
+                                     int mr, const __mmask16 *mk, int load_c, const float *bias, const char *pf,
+                                     int pf_mask) {
     __m512 acc[MR][4];
-    const float *ar[MR];
-    for (int r = 0; r < MR; r++) ar[r] = a + (size_t)(r < mr ? r : 0) * lda;
-    for (int v = 0; v < 4; v++) {
-        __m512 bv = bias ? _mm512_maskz_loadu_ps(mk[v], bias + 16 * v) : _mm512_setzero_ps();
-        for (int r = 0; r < MR; r++)
-            acc[r][v] = load_c && r < mr
-                            ? _mm512_add_ps(_mm512_maskz_loadu_ps(mk[v], C + (size_t)r * ldc + 16 * v), bv)
-                            : bv;
-    }
+    const float *ar[MR], *b = (const float *)bb;
+    for (int r = 0; r < MR; r++) ar[r] = (const float *)(a + (size_t)(r < mr ? r : 0) * a_row_bytes);
+    vad_tile_load(acc, C, ldc, mr, mk, load_c, bias);
     for (int k = 0; k < kc; k++) {
         __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
                b3 = _mm512_loadu_ps(b + 48);
@@ -91,58 +79,16 @@ VAD_AVX512 static inline __attribute__((always_inline)) void kernel(int kc, cons
         }
         b += VAD_PANEL;
     }
-    for (int r = 0; r < mr; r++)
-        for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16 * v, mk[v], acc[r][v]);
+    vad_tile_store(C, ldc, mr, mk, acc);
 }
 
-/* Panels [j0, j1) of C. Loops: K in passes of <= KC_MAX, rows in blocks that fit half an L2,
- * then each panel over all MR-row groups of the block, so one panel's rows of W stay in L2 while
- * the block of A (also in L2) streams past them. The weights come from memory once per call (a
- * model's weights do not fit in cache): while a panel is in use, its kernel calls prefetch the
- * panel that comes next, spread evenly over them (bursts would outrun the memory bandwidth). */
-VAD_AVX512 static void simd_task(void *vctx, int64_t j0, int64_t j1, int tid) {
+/* Panels [j0, j1) of C (vad_panel_run); passes of <= KC_MAX, row blocks of half an L2. */
+VAD_TARGET_AVX512 static void simd_task(void *vctx, int64_t j0, int64_t j1, int tid) {
     const panel_ctx *c = (const panel_ctx *)vctx;
     (void)tid;
-    int K = c->K, passes = (K + KC_MAX - 1) / KC_MAX, kc_step = (K + passes - 1) / passes;
-    for (int k0 = 0; k0 < K; k0 += kc_step) {
-        int kc = K - k0 < kc_step ? K - k0 : kc_step;
-        /* row blocks of equal size (in whole micro-panels), each fitting BLOCK_FLOATS */
-        int mc_max = BLOCK_FLOATS / kc / MR * MR, blocks = (c->M + mc_max - 1) / mc_max;
-        int mc_step = ((c->M + blocks - 1) / blocks + MR - 1) / MR * MR;
-        int load_c = k0 > 0 || c->beta != 0.0f, last_pass = k0 + kc == K;
-        for (int m0 = 0; m0 < c->M; m0 += mc_step) {
-            int mb = c->M - m0 < mc_step ? c->M - m0 : mc_step;
-            for (int64_t j = j0; j < j1; j++) {
-                int n0 = (int)j * VAD_PANEL, left = c->N - n0;
-                __mmask16 mk[4];
-                for (int v = 0; v < 4; v++) {
-                    int q = left - 16 * v;
-                    mk[v] = q >= 16 ? (__mmask16)0xffff : q <= 0 ? (__mmask16)0 : (__mmask16)((1u << q) - 1);
-                }
-                const float *bp = c->panels + ((size_t)j * K + k0) * VAD_PANEL;
-                const float *bias = k0 == 0 && c->bias ? c->bias + n0 : NULL;
-                /* next: the following panel, else the first one again for the next row block or pass */
-                int64_t jn = j + 1 < j1 ? j + 1 : j0;
-                int kn = j + 1 < j1 || m0 + mb < c->M ? k0 : k0 + kc;
-                const char *next = (const char *)(c->panels + ((size_t)jn * K + kn) * VAD_PANEL);
-                /* the next panel's kc rows are 4*kc lines: each of the n_calls kernel calls takes
-                 * one line every `every` k steps (a power of two), `per_call` lines in all */
-                int n_calls = (mb + MR - 1) / MR, every = 1;
-                while (every * 2 * 4 <= n_calls) every *= 2;
-                size_t per_call = (size_t)((kc + every - 1) / every), lines = (size_t)4 * kc;
-                for (int i = 0; i < mb; i += MR) {
-                    size_t first = (size_t)(i / MR) * per_call;
-                    int pf_mask = kn < K && first < lines ? every - 1 : -1;
-                    float *tile = c->C + (size_t)(m0 + i) * c->ldc + n0;
-                    int rows = mb - i < MR ? mb - i : MR;
-                    kernel(kc, c->A + (size_t)(m0 + i) * c->lda + k0, (size_t)c->lda, bp, tile, c->ldc, rows, mk,
-                           load_c, bias, next + first * 64, pf_mask);
-                    if (last_pass && c->act >= 0)
-                        vad_activation_rows(tile, c->ldc, rows, left < VAD_PANEL ? left : VAD_PANEL, c->act);
-                }
-            }
-        }
-    }
+    vad_panel_job job = {c->C, (const char *)c->A, (const char *)c->panels, c->bias, (size_t)c->lda * 4, BLOCK_BYTES,
+                         c->ldc, c->M, c->N, c->K, KC_MAX, c->beta, c->act};
+    vad_panel_run(&job, j0, j1, kernel);
 }
 #else
 static int cpu_has_avx512(void) { return 0; }

@@ -330,6 +330,70 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *args, PyObject 
     return out;
 }
 
+/* LayerNorm of x [M, C] on its own: fp32 (vad_layernorm) or its bf16-rounded rows
+ * (vad_layernorm_bf16, returned as float32 values). */
+static PyObject *py_layernorm(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    static char *kwlist[] = {"x", "weight", "bias", "eps", "precision", "num_threads", NULL};
+    PyObject *x_obj, *w_obj, *b_obj;
+    const char *prec_name = "fp32";
+    float eps;
+    int nthreads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOf|si", kwlist, &x_obj, &w_obj, &b_obj, &eps, &prec_name,
+                                     &nthreads))
+        return NULL;
+    int precision = parse_precision(prec_name);
+    if (precision < 0) return NULL;
+    if (precision == VAD_BF16 && vad_precision_check(VAD_BF16)) return raise_status(VAD_ERR_VALUE);
+    if (nthreads < 1 || nthreads > 256) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= num_threads <= 256");
+        return NULL;
+    }
+    PyArrayObject *x = as_float_array(x_obj, "x", 2), *w = NULL, *b = NULL;
+    PyObject *out = NULL;
+    vad_bf16 *rows16 = NULL;
+    vad_pool *pool = NULL;
+    if (!x) return NULL;
+    if (!(w = as_float_array(w_obj, "weight", 1)) || !(b = as_float_array(b_obj, "bias", 1))) goto done;
+    npy_intp M = PyArray_DIM(x, 0), C = PyArray_DIM(x, 1);
+    if (M < 1 || C < 1 || C > (1 << 20) || M > (1 << 24) || PyArray_DIM(w, 0) != C || PyArray_DIM(b, 0) != C) {
+        PyErr_SetString(PyExc_ValueError, "x (M, C) needs M, C >= 1 and weight, bias of length C");
+        goto done;
+    }
+    npy_intp dims[2] = {M, C};
+    if (!(out = PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto done;
+    size_t Cp = vad_bf16_input_elems(1, (int)C);
+    if (precision == VAD_BF16 && !(rows16 = (vad_bf16 *)malloc((size_t)M * Cp * sizeof(vad_bf16)))) {
+        Py_CLEAR(out);
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!(pool = vad_pool_create(nthreads))) {
+        Py_CLEAR(out);
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *o = (float *)PyArray_DATA((PyArrayObject *)out);
+    const float *xd = (const float *)PyArray_DATA(x), *wd = (const float *)PyArray_DATA(w),
+                *bd = (const float *)PyArray_DATA(b);
+    Py_BEGIN_ALLOW_THREADS
+    if (precision == VAD_BF16) {
+        vad_layernorm_bf16(pool, rows16, xd, (int)C, wd, bd, (int)M, (int)C, eps);
+        for (npy_intp r = 0; r < M; r++)
+            for (npy_intp i = 0; i < C; i++) o[r * C + i] = vad_from_bf16(rows16[(size_t)r * Cp + (size_t)i]);
+    } else {
+        vad_layernorm(pool, o, (int)C, xd, (int)C, wd, bd, (int)M, (int)C, eps);
+    }
+    Py_END_ALLOW_THREADS
+done:
+    vad_pool_free(pool);
+    free(rows16);
+    Py_DECREF(x);
+    Py_XDECREF(w);
+    Py_XDECREF(b);
+    return out;
+}
+
 /* The bf16 linear layer on its own: W [n_out, K] float32 is packed to bf16 panels here, then
  * out (new, or given and accumulated) = act(bf16(x) bf16(W)^T + bias) with fp32 accumulation. */
 static PyObject *py_bf16_linear(PyObject *self, PyObject *args, PyObject *kwds) {
@@ -440,6 +504,10 @@ static PyMethodDef testing_methods[] = {
      "attention_backward(qkv (B,T,3D) float32, dout (B,T,D) float32, heads, precision='fp32', num_threads=1)\n"
      "-> dqkv (B,T,3D): the input gradient of attention(qkv, heads) for the output gradient dout, on the\n"
      "kernel the training backward uses for that precision."},
+    {"layernorm", (PyCFunction)(void (*)(void))py_layernorm, METH_VARARGS | METH_KEYWORDS,
+     "layernorm(x (M,C) float32, weight (C,), bias (C,), eps, precision='fp32', num_threads=1) -> (M,C): the\n"
+     "backbone's LayerNorm; precision 'bf16' returns its rows rounded to bf16 as the next bf16 product reads\n"
+     "them (as float32 values)."},
     {"bf16_linear", (PyCFunction)(void (*)(void))py_bf16_linear, METH_VARARGS | METH_KEYWORDS,
      "bf16_linear(x (M,K) float32, weight (N,K) float32, bias=None, out=None, activation=-1, num_threads=1)\n"
      "-> out: act(bf16(x) bf16(weight)^T + bias (+ out, accumulated in place)), fp32 accumulation, on the\n"

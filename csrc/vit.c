@@ -385,8 +385,7 @@ void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *
     const vad_vit_config *c = &m->model->cfg;
     int D = c->width, BT = B * T;
     vad_pool *pool = m->pool;
-    vad_layernorm(pool, m->h, D, x, D, bw->ln1_w, bw->ln1_b, BT, D, c->ln_eps);
-    vad_vit_block_linear(m, bw, VAD_LIN_QKV, m->qkv, 3 * D, m->h, D, BT, 0.0f, -1);
+    vad_vit_norm_linear(m, bw, VAD_LIN_QKV, m->qkv, 3 * D, x, bw->ln1_w, bw->ln1_b, BT, 0.0f, -1);
     if (vad_attention_fused_available(m->precision))
         vad_attention_fused(pool, m->h, m->qkv, m->scratch, B, T, D, c->heads, m->precision);
     else
@@ -401,10 +400,9 @@ void vad_vit_attention_sublayer(vad_vit *m, const vad_block_weights *bw, float *
 
 void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, float *f, int B, int T, int act) {
     const vad_vit_config *c = &m->model->cfg;
-    int D = c->width, BT = B * T;
+    int BT = B * T;
     int fc1_out = c->activation == VAD_ACT_SWIGLU ? 2 * c->mlp_hidden : c->mlp_hidden;
-    vad_layernorm(m->pool, m->h, D, x, D, bw->ln2_w, bw->ln2_b, BT, D, c->ln_eps);
-    vad_vit_block_linear(m, bw, VAD_LIN_FC1, f, fc1_out, m->h, D, BT, 0.0f, act);
+    vad_vit_norm_linear(m, bw, VAD_LIN_FC1, f, fc1_out, x, bw->ln2_w, bw->ln2_b, BT, 0.0f, act);
 }
 
 static void mlp_sublayer(vad_vit *m, const vad_block_weights *bw, float *x, int B, int T) {

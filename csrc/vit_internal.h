@@ -68,6 +68,10 @@ void vad_vit_mlp_in(vad_vit *m, const vad_block_weights *bw, const float *x, flo
 int vad_vit_ensure_bf16_inputs(vad_vit *m, int rows);
 void vad_vit_block_linear(vad_vit *m, const vad_block_weights *bw, int which, float *C, int ldc, const float *A,
                           int lda, int M, float beta, int act);
+/* The same layer on LN(x) (x: [M, K], LayerNorm weights ln_w / ln_b): fp32 normalises into m->h,
+ * bf16 straight into the rounded input rows m->bf16_in (m->h is then left as it was). */
+void vad_vit_norm_linear(vad_vit *m, const vad_block_weights *bw, int which, float *C, int ldc, const float *x,
+                         const float *ln_w, const float *ln_b, int M, float beta, int act);
 /* din [M, K] = dout [M, N] W for the same layer. */
 int vad_vit_block_linear_input_grad(vad_vit *m, const vad_block_weights *bw, int which, float *din,
                                     const float *dout, int M);

@@ -200,6 +200,21 @@ void vad_vit_block_linear(vad_vit *m, const vad_block_weights *bw, int which, fl
                     linear_bias(bw, which), M, N, K, beta, act, m->bf16_in);
 }
 
+void vad_vit_norm_linear(vad_vit *m, const vad_block_weights *bw, int which, float *C, int ldc, const float *x,
+                         const float *ln_w, const float *ln_b, int M, float beta, int act) {
+    const vad_vit_config *c = &m->model->cfg;
+    int N, K;
+    linear_shape(c, which, &N, &K);
+    if (m->precision == VAD_FP32) {
+        vad_layernorm(m->pool, m->h, K, x, K, ln_w, ln_b, M, K, c->ln_eps);
+        vad_vit_block_linear(m, bw, which, C, ldc, m->h, K, M, beta, act);
+        return;
+    }
+    vad_layernorm_bf16(m->pool, m->bf16_in, x, K, ln_w, ln_b, M, K, c->ln_eps);
+    vad_bf16_linear_rounded(m->pool, C, ldc, m->bf16_in, m->bf16_fwd_slots[bw - m->model->w.blocks][which],
+                            linear_bias(bw, which), M, N, K, beta, act);
+}
+
 int vad_vit_block_linear_input_grad(vad_vit *m, const vad_block_weights *bw, int which, float *din,
                                     const float *dout, int M) {
     int N, K;

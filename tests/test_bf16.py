@@ -33,10 +33,11 @@ def gemm_reference(x, w, bias=None, out=None):
     return y, scale
 
 
-# rows, cols, depth: not multiples of 6/16/32/64, depth 1, odd depths (a zero-padded pair), depth
-# over one 1024-deep pass, one row, one column
+# rows, cols, depth: not multiples of 6/16/32/64, depth 1, odd depths (a zero-padded pair), one row,
+# one column; depth exactly one 3072-deep pass, and just over it (two passes) with rows over one
+# row block (168 rows at that depth)
 SHAPES = [(1, 1, 1), (5, 3, 1), (7, 65, 3), (13, 130, 33), (6, 64, 64), (100, 70, 129), (37, 200, 1000),
-          (50, 17, 1300), (9, 1, 2049)]
+          (50, 17, 1300), (9, 1, 2049), (7, 64, 3072), (200, 130, 3073)]
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -54,13 +55,14 @@ def test_gemm_matches_float64(M, N, K):
     assert np.all(np.abs(out - want) <= 1e-5 * scale)
 
 
-def test_gemm_rows_and_threads_do_not_change_results():
+@pytest.mark.parametrize("M,K", [(131, 300), (200, 3073)])  # one pass / two passes and two row blocks
+def test_gemm_rows_and_threads_do_not_change_results(M, K):
     rng = np.random.default_rng(3)
-    x, w = rng.standard_normal((131, 300)).astype(np.float32), rng.standard_normal((200, 300)).astype(np.float32)
+    x, w = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((200, K)).astype(np.float32)
     full = _engine.testing.bf16_linear(x, w)
     for n in (2, 3, 4):
         assert np.array_equal(_engine.testing.bf16_linear(x, w, num_threads=n), full)
-    for lo, hi in [(0, 1), (5, 17), (60, 131), (1, 130)]:  # any split into row ranges
+    for lo, hi in [(0, 1), (5, 17), (60, 131), (1, 130), (0, M)]:  # any split into row ranges
         assert np.array_equal(_engine.testing.bf16_linear(np.ascontiguousarray(x[lo:hi]), w), full[lo:hi])
 
 
@@ -392,3 +394,17 @@ def test_bf16_detector_refuses_to_save_a_dict_edited_in_place_since_it_was_loade
     det.set_params(backbone=dict(spec))
     det.save(tmp_path / "d.safetensors")
     assert np.array_equal(_file_tensors(tmp_path / "d.safetensors")["backbone.ln_post.bias"], spec["visual.ln_post.bias"])
+
+
+@pytest.mark.parametrize("C", [1, 7, 16, 17, 31, 32, 33, 100, 768, 1031])
+def test_layernorm_bf16_rows_are_the_fp32_layernorm_rounded(C):
+    """The bf16 path normalises straight into the next product's bf16 input: it must equal the fp32
+    LayerNorm rounded to nearest-even bf16, at every width (vector tails, odd widths) and thread count."""
+    rng = np.random.default_rng(C)
+    x = (rng.standard_normal((11, C)) * 2 + 1).astype(np.float32)
+    w = rng.standard_normal(C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    want = round_bf16(_engine.testing.layernorm(x, w, b, 1e-6))
+    for threads in (1, 3):
+        got = _engine.testing.layernorm(x, w, b, 1e-6, precision="bf16", num_threads=threads)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
