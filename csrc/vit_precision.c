@@ -211,7 +211,7 @@ void vad_vit_norm_linear(vad_vit *m, const vad_block_weights *bw, int which, flo
         return;
     }
     vad_layernorm_bf16(m->pool, m->bf16_in, x, K, ln_w, ln_b, M, K, c->ln_eps);
-    vad_bf16_linear_rounded(m->pool, C, ldc, m->bf16_in, m->bf16_fwd_slots[bw - m->model->w.blocks][which],
+    vad_bf16_linear_rounded(m->pool, C, ldc, m->bf16_in, m->model->bf16->fwd_slots[bw - m->model->w.blocks][which],
                             linear_bias(bw, which), M, N, K, beta, act);
 }
 
