@@ -2,7 +2,7 @@
 fp32 values before each bf16 product) for float64 references of the bf16 kernels."""
 import numpy as np
 
-BF16_UNIT = 2.0 ** -9  # bf16 keeps 8 mantissa bits: |round(x) - x| <= 2^-9 |x|
+BF16_UNIT = 2.0 ** -8  # unit roundoff: bf16 has 8 significant bits, |round(x) - x| <= 2^-8 |x| (half an ulp)
 
 
 def round_bf16(x) -> np.ndarray:

@@ -82,14 +82,16 @@ def test_fp32_matches_float64(fp32_path, shape):
 def test_bf16_matches_float64_on_rounded_inputs(shape):
     """q, k, v are rounded to bf16 (so the reference uses the rounded values); products are exact in
     fp32 and accumulate in fp32, so the one rounding left is the probabilities': each p_j becomes
-    p_j (1 + e_j), |e_j| <= 2^-9, and sum_j p_j e_j v_j / sum_j p_j <= 2^-9 max |v| per head."""
+    p_j (1 + e_j), |e_j| <= u = 2^-8, so sum_j p_j e_j v_j / sum_j p_j <= u max |v| per head in the
+    worst case. The test holds the kernel to u/2: the e_j of one row's many p_j partly cancel
+    (measured <= 0.47 of u/2)."""
     needs_bf16()
     qkv = random_qkv(shape, seed=1)
     heads, D = shape[3], shape[2]
     ours = _engine.testing.attention(qkv, heads, "bf16")
     want = reference(round_bf16(qkv), heads)
     v = round_bf16(qkv)[..., 2 * D:].astype(np.float64)
-    bound = BF16_UNIT * np.abs(v).max() + 1e-5 * np.abs(want).max()
+    bound = BF16_UNIT / 2 * np.abs(v).max() + 1e-5 * np.abs(want).max()
     assert np.abs(ours - want).max() <= bound
 
 
@@ -137,7 +139,7 @@ def test_bf16_backward_matches_float64_on_rounded_inputs(shape):
     are exact in fp32 and accumulate in fp32, the softmax and its backward run in fp32, so the
     roundings left are those of the products' other operands: P (in dv = P^T dO) and dS (in dq = s dS k,
     dk = s dS^T q), each element times (1 + e). Rounding to 8 significant bits moves x by at most half
-    an ulp, 2^-8 |x| just above a power of two (measured on P here: 3.8e-3), so |e| <= 2^-8 = 2 BF16_UNIT
+    an ulp, 2^-8 |x| just above a power of two (measured on P here: 3.8e-3), so |e| <= 2^-8 = BF16_UNIT
     and per element of the gradient the error is at most 2^-8 times the same product of absolute
     values, plus fp32 accumulation (1e-5 of the largest gradient, as in the forward test); measured
     up to 0.9 of that bound."""
@@ -151,7 +153,7 @@ def test_bf16_backward_matches_float64_on_rounded_inputs(shape):
     bounds = (a(ds) @ a(k) * scale, a(ds).transpose(0, 1, 3, 2) @ a(q) * scale, a(p).transpose(0, 1, 3, 2) @ a(dO))
     for i, bound in enumerate(bounds):
         cols = slice(i * D, (i + 1) * D)
-        bound = 2 * BF16_UNIT * bound.transpose(0, 2, 1, 3).reshape(B, T, D) + 1e-5 * a(want[..., cols]).max()
+        bound = BF16_UNIT * bound.transpose(0, 2, 1, 3).reshape(B, T, D) + 1e-5 * a(want[..., cols]).max()
         assert np.all(a(ours[..., cols] - want[..., cols]) <= bound), "dq dk dv".split()[i]
 
 
