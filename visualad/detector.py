@@ -296,8 +296,9 @@ class Detector:
         """The process-wide loaded backbone named by the ``backbone`` parameter, in the precision
         kind of ``precision`` (see :mod:`visualad.model_cache`): a path is checked by its file
         identity (stat) on every call, a dict or EngineBackbone by object identity once resolved
-        (its content digest keys the cache, so equal weights load once; edit a dict in place and
-        pass it again with ``set_params(backbone=...)`` -- the engine runs on its own packed copy)."""
+        (its content digest keys the cache, so equal weights load once). The engine runs on its own
+        packed copy: a dict edited in place is not noticed, even when passed again; give a new dict
+        (e.g. ``dict(weights)``) with ``set_params(backbone=...)``."""
         spec, current, kind = self.backbone, self.__dict__.get("_loaded_"), self._weights_kind()
         source, digest = self._weights_source()
         if current is not None and self._loaded_spec is spec and current.precision == kind and (
