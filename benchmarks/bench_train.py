@@ -1,6 +1,8 @@
 """One training step (batch 8: forward, backward through the frozen backbone, AdamW) in visualad vs
 the same step in PyTorch autograd on the CPU, same threads. Each side runs in its own process so
 that its peak RSS is its own. Prints median step times, the ratio ours / PyTorch, and peak RSS.
+Steps are timed inside one run of each side's loop (ours: consecutive epochs of one Detector.fit
+with one batch each; PyTorch: consecutive calls of its step), after a warm-up.
 --precision bf16 adds visualad in bf16 and PyTorch under torch.autocast('cpu', torch.bfloat16).
 
 Usage: python benchmarks/bench_train.py [--model B16-224|L14-518] [--batch 8] [--threads N] [--ours-only]
@@ -41,14 +43,13 @@ def run_ours(model, batch, threads, steps, bf16=False):
     import visualad
     sd, head, layers, size, x, labels, masks = _setup(model, batch)
     det = visualad.Detector(sd, head=head, image_size=size, layers=layers, num_threads=threads, batch_size=batch,
-                            epochs=1, dropout=0.1, precision="bf16" if bf16 else "fp32")
+                            epochs=steps + 1, dropout=0.1, precision="bf16" if bf16 else "fp32", progress=False)
     det.fit(x, labels, masks)  # warm-up (loads the model, allocates the workspaces)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        det.fit(x, labels, masks)  # one epoch of one batch = one step
-        times.append(time.perf_counter() - t0)
-    return times
+    # one epoch of one batch = one step; a step is the time between two epoch ends of one fit, so
+    # like the PyTorch side it excludes fit's set-up (targets, head, optimiser state) done once per fit
+    ends = []
+    det.fit(x, labels, masks, on_epoch=lambda _det, _epoch: ends.append(time.perf_counter()))
+    return [b - a for a, b in zip(ends, ends[1:])]
 
 
 def run_torch(model, batch, threads, steps, bf16=False):
