@@ -26,18 +26,10 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from timing import peak_rss_mb  # noqa: E402
+from timing import peak_rss_mb, rss_mb  # noqa: E402
 
 MODELS = {"B16-224": (768, 12, 16, 14, 224), "L14-518": (1024, 24, 14, 24, 518)}  # width, depth, patch, grid, S
 MB = 2 ** 20
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("needs /proc/self/status (Linux)")
 
 
 def reset_peak() -> None:

@@ -67,11 +67,28 @@ class StealMeter:
         return False
 
 
+def _status_mb(field: str):
+    """A memory field of /proc/self/status (e.g. VmRSS, VmHWM) in MB, None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """This process's resident set now (VmRSS; Linux)."""
+    value = _status_mb("VmRSS")
+    if value is None:
+        raise RuntimeError("needs /proc/self/status (Linux)")
+    return value
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM: unlike ru_maxrss it does not carry the parent's
     peak across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    value = _status_mb("VmHWM")
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
